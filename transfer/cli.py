@@ -1,0 +1,196 @@
+"""`transfer <command> [overrides]`: parse, dispatch, and turn user mistakes into one-line errors.
+
+A `UserError` (or Ctrl-C) ends the process with a message and a non-zero exit, never a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from transfer.errors import UserError  # noqa: E402
+
+USAGE = """usage: transfer <command> [key=value ...]
+
+commands:
+  train            fine-tune a model (transfer train --help lists config groups and recipes)
+  eval             evaluate a checkpoint: transfer eval checkpoint=RUN/best.pt [split=test] [data.root=DIR]
+  predict          classify images: transfer predict checkpoint=RUN/best.pt input=FILE_OR_FOLDER [top_k=5]
+  augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
+
+Also runs as `python -m transfer`. Examples:
+  transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
+  transfer train data.root=/my/images model=timm model.name=convnext_tiny trainer.epochs=20
+  transfer train recipe=fashion_mnist_lite0 data.root=bench/data/fashion_mnist_100 optim.lr=3e-4
+  transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
+"""
+
+COMMANDS = ("train", "eval", "predict", "augment-preview")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, arguments = argv[0], argv[1:]
+    try:
+        return dispatch(command, arguments)
+    except UserError as error:
+        print(f"transfer {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"transfer {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(command: str, arguments: list[str]) -> int:
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown command '{command}'.{hint} Commands: {', '.join(COMMANDS)}.")
+    if "-h" in arguments or "--help" in arguments:
+        print(command_help(command))
+        return 0
+    if command == "train":
+        return train_command(arguments)
+    from transfer import commands
+
+    return {"eval": commands.eval_command, "predict": commands.predict_command,
+            "augment-preview": commands.preview_command}[command](arguments)
+
+
+def train_command(arguments: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from transfer.config import compose, without_hydra
+    from transfer.train import train
+
+    config_file, overrides, show_only = _train_flags(arguments)
+    cfg = compose(overrides, with_hydra=True, config_file=config_file)
+    if show_only:
+        print(OmegaConf.to_yaml(without_hydra(cfg), resolve=True))
+        return 0
+    run_dir = make_run_dir(cfg, overrides)
+    cfg = without_hydra(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    train(cfg, run_dir)
+    return 0
+
+
+def _train_flags(arguments: list[str]) -> tuple[str | None, list[str], bool]:
+    config_file, overrides, show_only = None, [], False
+    items = iter(arguments)
+    for item in items:
+        if item == "--config":
+            config_file = next(items, None)
+            if config_file is None:
+                raise UserError("--config needs a path to a run's config.yaml.")
+        elif item.startswith("--config="):
+            config_file = item.split("=", 1)[1]
+        elif item in ("--cfg", "--show-config"):
+            show_only = True
+        elif item.startswith("-"):
+            raise UserError(f"unknown option {item}. Options: --config PATH, --cfg, --help; the rest are key=value.")
+        else:
+            overrides.append(item)
+    return config_file, overrides, show_only
+
+
+def make_run_dir(cfg, overrides: list[str]) -> Path:
+    """Create the run directory; never write into a folder that already holds another run."""
+    chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
+    resume = cfg.trainer.get("resume")
+    if resume and not chosen:
+        return Path(resume).expanduser().resolve().parent
+    run_dir = Path(cfg.hydra.run.dir).expanduser()
+    if chosen:
+        if (run_dir / "config.yaml").exists() and not resume:
+            raise UserError(f"{run_dir} already holds a run. Choose another hydra.run.dir, or continue it with "
+                            f"trainer.resume={run_dir / 'last.pt'}.")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the run directory {run_dir}: {error.strerror}.") from None
+        return run_dir
+    return _fresh_dir(run_dir)
+
+
+def _fresh_dir(base: Path) -> Path:
+    """base, or base-1, base-2 …: mkdir without exist_ok makes concurrent runs pick different ones."""
+    for attempt in range(1000):
+        candidate = base if attempt == 0 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create the run directory {candidate}: {error.strerror}. "
+                            "Set hydra.run.dir=PATH to a writable folder.") from None
+    raise UserError(f"could not find a free run directory next to {base}.")
+
+
+def command_help(command: str) -> str:
+    if command != "train":
+        return USAGE
+    from transfer.config import group_options, groups
+
+    lines = ["usage: transfer train [--config RUN/config.yaml] [--cfg] [group=option ...] [key=value ...]",
+             "", "config groups (pick one with group=option; defaults marked *):"]
+    defaults = _defaults()
+    for group in groups():
+        options = [f"{o}*" if defaults.get(group) == o else o for o in group_options(group)]
+        lines.append(f"  {group:<10} {', '.join(options) or '(none yet)'}")
+    lines += ["", "keys (override with key=value; --cfg prints the composed config):"]
+    lines += _key_lines()
+    lines += ["", "examples:", "  transfer train recipe=fashion_mnist_lite0 data.root=bench/data/fashion_mnist_100",
+              "  transfer train data.root=/my/images model=timm model.name=resnet50 trainer.epochs=20 optim.lr=3e-4",
+              "  transfer train finetune=linear_probe hydra.run.dir=runs/probe"]
+    return "\n".join(lines)
+
+
+def _defaults() -> dict[str, str]:
+    from omegaconf import OmegaConf
+
+    from transfer.config import PRIMARY_CONFIG, config_dir
+
+    raw = OmegaConf.load(config_dir() / f"{PRIMARY_CONFIG}.yaml")
+    return {k: v for entry in raw.defaults if isinstance(entry, dict) or hasattr(entry, "items")
+            for k, v in entry.items()}
+
+
+def _key_lines() -> list[str]:
+    from omegaconf import DictConfig, ListConfig
+
+    from transfer.config import compose
+
+    cfg = compose([])
+    lines = []
+    for section, node in cfg.items():
+        if isinstance(node, DictConfig):
+            values = [f"{k}={_short(v)}" for k, v in node.items() if not isinstance(v, (DictConfig, ListConfig))]
+            if values:
+                lines.append(f"  {section}: " + "  ".join(values))
+        else:
+            lines.append(f"  {section}={node}")
+    return lines
+
+
+def _short(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

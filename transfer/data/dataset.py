@@ -1,0 +1,61 @@
+"""The torch Dataset over records: decode (or take from the cache), transform, label.
+
+A file that fails to decode yields None instead of a sample; `collate_skipping_bad` drops it and
+passes its path and reason up to the training loop, so one bad file never ends an epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from transfer.data.images import BadImageError, read_rgb
+from transfer.data.sources import Record
+
+
+class ImageDataset(Dataset):
+    def __init__(self, records: list[Record], transform: Callable | None,
+                 cache: dict[str, np.ndarray] | None = None, strict: bool = False, seed: int | None = None) -> None:
+        self.records = records
+        self.seed = seed  # None: a deterministic pipeline (eval) that needs no reseeding
+        self.transform = transform
+        self.cache = cache if cache is not None else {}
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> np.ndarray:
+        record = self.records[index]
+        if isinstance(record.source, np.ndarray):
+            return record.source
+        cached = self.cache.get(record.source)
+        return cached if cached is not None else read_rgb(record.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | tuple[None, str, str]:
+        """`key` is an index, or (epoch, index) from EpochSampler to seed this sample's augmentation."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        try:
+            image = self.image(index)
+        except BadImageError as error:
+            if self.strict:
+                raise
+            return (None, str(error.path), error.reason)
+        if self.transform is not None:
+            if self.seed is not None:
+                self.transform.set_random_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
+            image = self.transform(image=image)["image"]
+        return {"image": image, "label": self.records[index].label, "index": index}
+
+
+def collate_skipping_bad(items: list) -> dict:
+    """Default collation of good samples; bad ones become `batch['skipped']` [(path, reason)]."""
+    good = [item for item in items if isinstance(item, dict)]
+    skipped = [(item[1], item[2]) for item in items if not isinstance(item, dict)]
+    batch = default_collate(good) if good else {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long),
+                                                 "index": torch.empty(0, dtype=torch.long)}
+    batch["skipped"] = skipped
+    return batch

@@ -1,0 +1,162 @@
+"""Where the images and labels come from: split folders, one pooled folder, a CSV manifest, or the
+embedded digits. Everything ends as a `DataSplits`: one class list and records per split.
+
+Splitting happens here and only here, stratified by scikit-learn with a fixed seed, so the same
+config always sees the same train/val/test partition.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from transfer.data.images import IMAGE_EXTENSIONS
+from transfer.errors import UserError
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image: a file path, or a decoded H×W×3 uint8 array for in-memory datasets."""
+
+    source: str | np.ndarray
+    label: int
+
+    @property
+    def name(self) -> str:
+        return self.source if isinstance(self.source, str) else "<memory>"
+
+
+@dataclass
+class DataSplits:
+    classes: list[str]
+    splits: dict[str, list[Record]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while indexing
+    description: str = ""
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(records) for name, records in self.splits.items()}
+
+
+def build_splits(root: str | None, val_fraction: float, test_fraction: float, split_seed: int) -> DataSplits:
+    """Index the data the user pointed at and return the train/val/test records."""
+    if root is None:
+        from transfer.data.digits import digits_records
+
+        classes, records = digits_records()
+        pooled = DataSplits(classes, {"all": records}, description="scikit-learn digits (embedded)")
+    else:
+        path = Path(root).expanduser()
+        if not path.exists():
+            raise UserError(f"data.root={root} does not exist. Point data.root at a folder of class "
+                            "folders, a folder with train/ val/ test/ inside, or a CSV manifest.")
+        pooled = read_manifest(path) if path.is_file() else read_folder(path)
+    return complete_splits(pooled, val_fraction, test_fraction, split_seed)
+
+
+def read_folder(root: Path) -> DataSplits:
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _subdirs(root) if d.name.lower() in SPLIT_ALIASES}
+    if not split_dirs:
+        classes, records = _class_folders(root, classes=None)
+        return DataSplits(classes, {"all": records}, description=f"folder {root}")
+    if "train" not in split_dirs:
+        raise UserError(f"{root} has {', '.join(sorted(split_dirs))} folders but no train/ folder.")
+    classes, train = _class_folders(split_dirs["train"], classes=None)
+    splits = {"train": train}
+    for split, folder in split_dirs.items():
+        if split != "train":
+            splits[split] = _class_folders(folder, classes=classes)[1]
+    return DataSplits(classes, splits, description=f"split folders {root}")
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_folders(folder: Path, classes: list[str] | None) -> tuple[list[str], list[Record]]:
+    """Records from folder/<class>/*; with `classes` given, every class must be among them."""
+    found = [d.name for d in _subdirs(folder)]
+    if not found:
+        raise UserError(f"{folder} has no class folders. Expected {folder}/<class name>/<images>.")
+    defining = classes is None
+    classes = found if defining else classes
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise UserError(f"{folder} has class folders that train/ lacks: {', '.join(unknown)}. "
+                        "Add them to train/ or remove them.")
+    records = []
+    for name in found:
+        images = _image_files(folder / name)
+        if not images and defining:
+            raise UserError(f"class folder {folder / name} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}). "
+                            "Add images or remove the folder.")
+        records += [Record(str(p), classes.index(name)) for p in images]
+    return classes, records
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def read_manifest(csv_path: Path) -> DataSplits:
+    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder."""
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0]) if rows else set()
+    if not {"path", "label"} <= columns:
+        raise UserError(f"{csv_path} needs a header with columns path,label[,split]; found {sorted(columns) or 'none'}.")
+    classes = sorted({row["label"] for row in rows if row["label"]})
+    splits: dict[str, list[Record]] = {}
+    skipped = []
+    for number, row in enumerate(rows, start=2):
+        image = (csv_path.parent / row["path"]).resolve()
+        if not row["label"]:
+            skipped.append((f"{csv_path}:{number}", "empty label"))
+            continue
+        split = SPLIT_ALIASES.get((row.get("split") or "all").strip().lower(), None) or "all"
+        if not image.is_file():
+            skipped.append((str(image), f"listed in {csv_path.name} line {number} but missing"))
+            continue
+        splits.setdefault(split, []).append(Record(str(image), classes.index(row["label"])))
+    if "all" in splits and len(splits) > 1:
+        raise UserError(f"{csv_path}: some rows have a split and some do not; give every row a split or none.")
+    return DataSplits(classes, splits, skipped, description=f"manifest {csv_path}")
+
+
+def complete_splits(data: DataSplits, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
+    """Carve the missing test and val splits out of what is there, stratified by class."""
+    splits = dict(data.splits)
+    pool = splits.pop("all", None) or splits.pop("train", [])
+    if "test" not in splits and test_fraction > 0:
+        pool, splits["test"] = _stratified(pool, test_fraction, seed)
+    if "val" not in splits and val_fraction > 0:
+        share = val_fraction / (1 - test_fraction) if "test" not in data.splits else val_fraction
+        pool, splits["val"] = _stratified(pool, share, seed)
+    splits["train"] = pool
+    _check_every_class_trains(data.classes, pool)
+    ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
+    return DataSplits(data.classes, ordered, data.skipped, data.description)
+
+
+def _stratified(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    labels = [r.label for r in records]
+    try:
+        kept, held = train_test_split(records, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError:
+        warnings.warn("too few images per class for a stratified split; splitting at random instead")
+        kept, held = train_test_split(records, test_size=fraction, random_state=seed)
+    return list(kept), list(held)
+
+
+def _check_every_class_trains(classes: list[str], train: list[Record]) -> None:
+    present = {r.label for r in train}
+    empty = [name for index, name in enumerate(classes) if index not in present]
+    if empty:
+        raise UserError(f"no training images for class(es): {', '.join(empty)}. Add images or remove the class.")
