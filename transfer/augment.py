@@ -33,9 +33,9 @@ def build_eval_transform(preprocess: dict) -> A.Compose:
     """timm's eval recipe: resize the short side to input/crop_pct, then center-crop the input size."""
     height, width = preprocess["input_size"][1:]
     interpolation = INTERPOLATION[preprocess["interpolation"]]
-    scale_side = int(min(height, width) / preprocess["crop_pct"])
+    scale_hw = (int(height / preprocess["crop_pct"]), int(width / preprocess["crop_pct"]))
     return A.Compose([
-        A.SmallestMaxSize(max_size=scale_side, interpolation=interpolation),
+        A.SmallestMaxSize(max_size_hw=scale_hw, interpolation=interpolation),
         A.CenterCrop(height=height, width=width),
         ToTensorV2(),
     ])

@@ -59,8 +59,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         raise UserError(f"{path} holds objects that need code to load, so it was refused "
                         f"(weights_only=True): {str(error).splitlines()[0][:200]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable checkpoint ({str(error).splitlines()[0][:200]}).") from None
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{path} is not a readable checkpoint ({first_line}).") from None
     if not isinstance(state, dict) or "model" not in state or "classes" not in state:
         raise UserError(f"{path} is not a transfer checkpoint (no model / classes inside).")
     return state

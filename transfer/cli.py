@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ commands:
   eval             evaluate a checkpoint: transfer eval checkpoint=RUN/best.pt [split=test] [data.root=DIR]
   predict          classify images: transfer predict checkpoint=RUN/best.pt input=FILE_OR_FOLDER [top_k=5]
   augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
+  export           for other projects: transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -30,7 +32,7 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "eval", "predict", "augment-preview")
+COMMANDS = ("train", "eval", "predict", "augment-preview", "export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +63,10 @@ def dispatch(command: str, arguments: list[str]) -> int:
         return 0
     if command == "train":
         return train_command(arguments)
+    if command == "export":
+        from transfer.export import export_command
+
+        return export_command(arguments)
     from transfer import commands
 
     return {"eval": commands.eval_command, "predict": commands.predict_command,
@@ -71,17 +77,24 @@ def train_command(arguments: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from transfer.config import compose, without_hydra
-    from transfer.train import train
 
     config_file, overrides, show_only = _train_flags(arguments)
     cfg = compose(overrides, with_hydra=True, config_file=config_file)
     if show_only:
         print(OmegaConf.to_yaml(without_hydra(cfg), resolve=True))
         return 0
+    from transfer.train import train  # torch, timm: seconds to import, so only after the config is valid
+
     run_dir = make_run_dir(cfg, overrides)
+    fresh = not any(run_dir.iterdir())
     cfg = without_hydra(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    train(cfg, run_dir)
+    try:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        train(cfg, run_dir)
+    except UserError:
+        if fresh and not (run_dir / "last.pt").exists():  # no checkpoint yet: leave no run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return 0
 
 

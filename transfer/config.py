@@ -37,7 +37,7 @@ def group_options(group: str) -> list[str]:
 
 def groups() -> list[str]:
     root = config_dir()
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
 def compose(overrides: list[str] | None = None, with_hydra: bool = False,
@@ -87,6 +87,9 @@ def explain_override_error(message: str, overrides: list[str]) -> str:
 
 def _unknown_choice(group: str, name: str) -> str:
     options = group_options(group)
+    if not options:
+        folder = (config_dir() / group).resolve()
+        return f"unknown {group} '{name}': there are no {group} configs yet (add {name}.yaml to {folder})."
     hint = difflib.get_close_matches(name, options, n=1)
     did_you_mean = f" Did you mean {group}={hint[0]}?" if hint else ""
     return f"unknown {group} '{name}'.{did_you_mean} Choose one of: {', '.join(options)}."

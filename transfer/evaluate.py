@@ -21,10 +21,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     truth = labels.numpy()
     predicted = scores.argmax(axis=1)
     every_label = np.arange(num_classes)
+    present = np.union1d(truth, predicted)  # a class absent from truth and predictions says nothing
     metrics = {
         "top1": float((predicted == truth).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
-        "macro_f1": float(f1_score(truth, predicted, labels=every_label, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(truth, predicted, labels=present, average="macro", zero_division=0)),
         "loss": float(torch.nn.functional.cross_entropy(logits.float(), labels).item()),
     }
     k = min(top_k, num_classes - 1)

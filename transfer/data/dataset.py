@@ -6,6 +6,7 @@ passes its path and reason up to the training loop, so one bad file never ends a
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import numpy as np
@@ -45,8 +46,9 @@ class ImageDataset(Dataset):
                 raise
             return (None, str(error.path), error.reason)
         if self.transform is not None:
-            if self.seed is not None:
-                self.transform.set_random_seed(hash((self.seed, epoch, index)) & 0x7FFFFFFF)
+            if self.seed is not None:  # one stream for all steps: set_random_seed gives each step its own copy
+                key = hash((self.seed, epoch, index)) & 0x7FFFFFFF
+                self.transform.set_random_state(np.random.default_rng(key), random.Random(key))
             image = self.transform(image=image)["image"]
         return {"image": image, "label": self.records[index].label, "index": index}
 

@@ -107,7 +107,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def read_manifest(csv_path: Path) -> DataSplits:
     """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder."""
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
         rows = list(csv.DictReader(handle))
     columns = set(rows[0]) if rows else set()
     if not {"path", "label"} <= columns:

@@ -35,10 +35,24 @@ def build_model(name: str, num_classes: int, pretrained: bool = True, weights: s
         return _create(name, num_classes=num_classes, **kwargs), "random init"
     source = _weight_source(name, weights)
     if source == "package":
-        return _from_package(name, num_classes, kwargs)
-    if source == "hub":
-        return _from_hub(name, num_classes, kwargs)
-    return _from_file(name, num_classes, Path(weights).expanduser(), kwargs)
+        model, description = _from_package(name, num_classes, kwargs)
+    elif source == "hub":
+        model, description = _from_hub(name, num_classes, kwargs)
+    else:
+        model, description = _from_file(name, num_classes, Path(weights).expanduser(), kwargs)
+    zero_head(model)
+    return model, description
+
+
+def zero_head(model: nn.Module) -> None:
+    """Start the new head at zero: timm's init scales with 1/sqrt(num_classes), which for a handful of
+    classes gives logits of magnitude ~5 on pretrained features, a loss far above log(C) and a first
+    epoch spent undoing it."""
+    for module in model.get_classifier().modules():
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def check_model_name(name: str) -> None:
@@ -85,14 +99,17 @@ def _from_hub(name: str, num_classes: int, kwargs: dict) -> tuple[nn.Module, str
     """The hub, failing in seconds when it is unreachable (cached files still load offline)."""
     from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE and not hub_reachable():
-        constants.HF_HUB_OFFLINE = True
+    was_offline = constants.HF_HUB_OFFLINE
+    offline = was_offline or not hub_reachable()
+    constants.HF_HUB_OFFLINE = offline
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as error:
-        reason = "the Hugging Face hub is unreachable and the weights are not cached" if constants.HF_HUB_OFFLINE \
+        reason = "the Hugging Face hub is unreachable and the weights are not cached" if offline \
             else f"downloading failed ({str(error).splitlines()[0][:200]})"
         raise UserError(f"cannot load pretrained weights for {name}: {reason}. {OFFLINE_HELP}") from None
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
     return model, f"hub {model.pretrained_cfg.get('hf_hub_id') or name}"
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny generated image folder and an in-process `transfer` CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
+
+CLASSES = ("circle", "square", "stripes")
+RunCli = Callable[[list[str]], tuple[int, str, str]]
+
+
+def write_png(path: Path, class_index: int, seed: int, side: int = 16) -> Path:
+    """A small RGB image whose colour says its class, with noise so no two files are equal."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 40, (side, side, 3), dtype=np.uint8)
+    pixels[..., class_index % 3] += 200
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path: Path) -> Path:
+    """tmp_path/images/<class>/<n>.png: three classes, twelve images each (one pooled folder, no splits).
+
+    Twelve is the fewest that leaves every class in the default stratified val and test splits.
+    """
+    root = tmp_path / "images"
+    for index, name in enumerate(CLASSES):
+        for n in range(12):
+            write_png(root / name / f"{n}.png", index, seed=index * 100 + n)
+    return root
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RunCli:
+    """Call `transfer.cli.main(args)` in-process from tmp_path (so default run folders land there).
+
+    Returns (exit code, stdout, stderr) of that call only.
+    """
+    from transfer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
