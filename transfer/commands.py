@@ -143,8 +143,12 @@ class Predictor:
 
 
 def load_predictor(path: Path, device: torch.device) -> Predictor:
-    """The seam for other model formats: an exported timm folder or an ONNX file gets its own branch
-    here, returning the same Predictor; everything else is a transfer checkpoint (or its run folder)."""
+    """An exported timm folder or ONNX file, else a transfer checkpoint (or its run folder): the same
+    command checks an export against the run it came from."""
+    from transfer.exported import is_exported, load_exported_predictor
+
+    if is_exported(path):
+        return Predictor(*load_exported_predictor(path, device))
     return checkpoint_predictor(load_run_checkpoint(run_checkpoint_file(path)), device)
 
 
