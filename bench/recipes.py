@@ -2,6 +2,7 @@
 
     python -m bench.recipes default fashion_mnist_lite0 fashion_mnist_lite0_linear_probe
     python -m bench.recipes fashion_mnist_lite0 --seeds 0 1 2 -- model.pretrained=false
+    python -m bench.recipes fashion_mnist_lite0_best --seeds 0 1 2 --random-init   # + the same budget from random init
 
 `default` is `transfer train` with no recipe (EfficientNet-Lite0 on the embedded digits). Each run
 is a fresh `transfer train` process, so the figures include everything a user waits for; the
@@ -42,11 +43,12 @@ def run(recipe: str, seed: int, extra: list[str], out_root: Path) -> dict:
     if recipe != "default":
         command.insert(4, f"recipe={recipe}")
         command.append(f"data.root={FASHION}")
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"top1": metrics["test/top1"], "train_seconds": metrics["train_seconds"], "wall": wall}
+    return {"top1": metrics["test/top1"], "train_seconds": metrics["train_seconds"], "wall": wall,
+            "load": (load + os.getloadavg()[0]) / 2}  # 1-minute load average at start and end: > cores = shared
 
 
 def main() -> None:
@@ -54,16 +56,21 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    parser.add_argument("--random-init", action="store_true",
+                        help="also run each recipe with model.pretrained=false (same budget) for the same table")
     arguments, extra = parser.parse_known_args()
     extra = [item for item in extra if item != "--"]
     build_fashion_folder(FASHION)
     where, today = machine(), date.today().isoformat()
+    variants = [extra, extra + ["model.pretrained=false"]] if arguments.random_init else [extra]
     for recipe in arguments.recipes:
-        results = [run(recipe, seed, extra, arguments.out) for seed in arguments.seeds]
-        for seed, result in zip(arguments.seeds, results):
-            print(f"{recipe} seed={seed} {' '.join(extra)} top1={result['top1']:.4f} "
-                  f"train={result['train_seconds']:.1f}s wall={result['wall']:.1f}s", flush=True)
-        print(table_row(recipe, extra, results, where, today), flush=True)
+        for overrides in variants:
+            results = [run(recipe, seed, overrides, arguments.out) for seed in arguments.seeds]
+            for seed, result in zip(arguments.seeds, results):
+                print(f"{recipe} seed={seed} {' '.join(overrides)} top1={result['top1']:.4f} "
+                      f"train={result['train_seconds']:.1f}s wall={result['wall']:.1f}s load={result['load']:.1f}",
+                      flush=True)
+            print(table_row(recipe, overrides, results, where, today), flush=True)
 
 
 def table_row(recipe: str, extra: list[str], results: list[dict], where: str, today: str) -> str:

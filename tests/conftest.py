@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
+import transfer  # noqa: E402,F401  sets OMP_WAIT_POLICY before any test module imports torch
 
 CLASSES = ("circle", "square", "stripes")
 RunCli = Callable[[list[str]], tuple[int, str, str]]
@@ -24,6 +25,14 @@ def write_png(path: Path, class_index: int, seed: int, side: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """data.cache=disk and linear-probe features go to a temporary folder, not the user's ~/.cache/transfer."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFER_CACHE_DIR", str(tmp_path_factory.mktemp("transfer-cache")))
+        yield
 
 
 @pytest.fixture

@@ -82,7 +82,7 @@ def test_unknown_command_suggests_one(run_cli: RunCli) -> None:
 
 
 @pytest.mark.parametrize("override, choices", [
-    ("data.cache=disk", "none, ram"),
+    ("data.cache=tape", "none, ram, disk"),
     ("finetune.strategy=foo", "full, linear_probe"),
     ("trainer.amp=fp8", "auto, bf16, fp16, off"),
 ])

@@ -8,10 +8,14 @@ at any moment leaves the previous checkpoint intact. Loading never unpickles cod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
+import re
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +25,43 @@ import torch
 from transfer.errors import UserError
 
 FORMAT_VERSION = 1
+TEMPORARY_SUFFIX = ".tmp"
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write atomically: temporary file in the same folder, fsync, rename over `path`, fsync the folder.
+
+    A failed write (full disk, quota, read-only folder) is a UserError; the previous file at `path`
+    is left as it was and the temporary file is removed.
+    """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = None
     try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
             torch.save({"format_version": FORMAT_VERSION, **state}, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+        temporary = None
         _fsync_dir(path.parent)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        kept = f"The previous {path.name} is intact. " if path.exists() else ""
+        raise UserError(f"cannot write checkpoint {path}: {error.strerror or error}. {kept}Free some disk space "
+                        "or point hydra.run.dir at a writable folder, then resume.") from None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what an interrupted save_checkpoint left behind (`.<name>.*.tmp`); returns what went."""
+    stale = sorted(Path(folder).glob(f".*.pt.*{TEMPORARY_SUFFIX}"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -50,21 +76,58 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load with weights_only=True; a file that is not a transfer checkpoint is a UserError."""
+    """Load with weights_only=True; a file that is not a transfer checkpoint is a UserError.
+
+    weights_only means tensors, numbers, strings and containers only: a pickle that would import
+    or call anything (os.system, a class of the author's) is refused before any of it runs.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist. Runs keep theirs as <run dir>/best.pt and last.pt.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise UserError(f"{path} holds objects that need code to load, so it was refused "
-                        f"(weights_only=True): {str(error).splitlines()[0][:200]}") from None
+        raise UserError(f"{path} was refused: it holds more than plain tensors, and unpickling it could run code "
+                        f"({_refusal_reason(error)}). transfer loads with weights_only=True; if you trust the "
+                        "file's author, re-save its weights as .safetensors.") from None
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{path} is not a readable checkpoint ({first_line}).") from None
     if not isinstance(state, dict) or "model" not in state or "classes" not in state:
         raise UserError(f"{path} is not a transfer checkpoint (no model / classes inside).")
     return state
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The line of torch's long message that names what the file wanted, e.g. `GLOBAL posix.system`."""
+    message = str(error)
+    found = re.search(r"(?:unsupported )?GLOBAL [\w.]+", message, re.IGNORECASE) or \
+        re.search(r"Unsupported [^\n]+", message)
+    return found.group(0) if found else "not a plain weights file"
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the furthest-trained checkpoint in a run folder that loads, or None.
+
+    Only last.pt and best.pt are candidates (never a temporary file); progress is (epoch, step),
+    with last.pt winning a tie. A file that does not load is passed over with a warning.
+    """
+    found = None
+    for name in CHECKPOINT_NAMES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except UserError as error:
+            print(f"warning: passing over {path}: {error}", file=sys.stderr, flush=True)
+            continue
+        progress = (int(state.get("epoch", 0)), int(state.get("step", 0)))
+        if found is None or progress > found[0]:
+            found = (progress, path, state)
+    return None if found is None else (found[1], found[2])
 
 
 def rng_state() -> dict[str, Any]:

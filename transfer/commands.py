@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from transfer.augment import build_eval_transform
 from transfer.checkpoint import load_checkpoint
 from transfer.config import compose, require
+from transfer.data.cache import CACHE_KINDS
 from transfer.data.dataset import ImageDataset
 from transfer.data.images import IMAGE_EXTENSIONS
 from transfer.data.loaders import build_datasets, build_loader, index_data
@@ -37,9 +38,11 @@ from transfer.errors import UserError
 from transfer.evaluate import classification_metrics, write_json, write_report
 from transfer.inference import Normalizer, autocast, pick_amp, pick_device, predict_logits
 from transfer.models.backbone import build_model, model_from_checkpoint, resolve_preprocess, to_channels_last
+from transfer.techniques import final_weights
 from transfer.train import preprocess_overrides
+from transfer.tta import with_tta
 
-EVAL_KEYS = ("checkpoint", "split", "out", "batch_size", "device")
+EVAL_KEYS = ("checkpoint", "split", "out", "batch_size", "device", "tta")
 PREDICT_KEYS = ("checkpoint", "input", "out", "top_k", "batch_size", "device")
 PREVIEW_KEYS = ("out", "n")
 SPLITS = ("train", "val", "test")
@@ -168,7 +171,8 @@ def runnable_model(checkpoint: dict, device: torch.device) -> tuple[torch.nn.Mod
     trainer = checkpoint["config"].get("trainer", {})
     channels_last = bool(trainer.get("channels_last", False))
     preprocess = checkpoint["preprocess"]
-    model = to_channels_last(model_from_checkpoint(checkpoint), device, channels_last)
+    weights = final_weights(checkpoint)  # the EMA weights when the run found them best, as training's evaluation
+    model = to_channels_last(model_from_checkpoint({**checkpoint, "model": weights}), device, channels_last)
     normalize = Normalizer(preprocess["mean"], preprocess["std"], device, channels_last)
     return model, normalize, pick_amp(str(trainer.get("amp", "off")), device)
 
@@ -178,7 +182,9 @@ def runnable_model(checkpoint: dict, device: torch.device) -> tuple[torch.nn.Mod
 
 
 def eval_command(arguments: list[str]) -> int:
-    """`transfer eval checkpoint=PATH [split=] [out=] [batch_size=] [device=] [data.KEY=VALUE ...]`."""
+    """`transfer eval checkpoint=PATH [split=] [out=] [batch_size=] [device=] [tta=] [data.KEY=VALUE ...]`.
+
+    tta: none | flip | crops | flip_crops; by default the run's own trainer.tta."""
     options, rest = split_options(arguments, EVAL_KEYS)
     data_overrides = [item for item in rest if item.startswith("data.") and "=" in item]
     reject_unknown([item for item in rest if item not in data_overrides], "eval",
@@ -194,7 +200,9 @@ def eval_command(arguments: list[str]) -> int:
     device = device_argument(options)
     batch_size = positive_int(options, "batch_size", int(data_cfg.eval_batch_size))
     top_k = int(checkpoint["config"].get("trainer", {}).get("top_k", 5))
-    metrics, skipped = evaluate_records(checkpoint, data, records, data_cfg, split, out, device, batch_size, top_k)
+    tta = options.get("tta") or checkpoint["config"].get("trainer", {}).get("tta") or "none"
+    metrics, skipped = evaluate_records(checkpoint, data, records, data_cfg, split, out, device, batch_size, top_k,
+                                        tta)
     print_eval_summary(split, metrics, data, records, skipped, out)
     return 0
 
@@ -215,7 +223,7 @@ def data_config(saved: dict, overrides: list[str]) -> DictConfig:
 def eval_data(data_cfg: DictConfig, trained_root: str | None, classes: list[str]) -> DataSplits:
     """The training data split exactly as training split it, or a new data.root taken as it is
     (its split folders, or all of its images); labels follow the checkpoint's class order by name."""
-    require(data_cfg.cache, ("none", "ram"), "data.cache")
+    require(data_cfg.cache, CACHE_KINDS, "data.cache")
     require(data_cfg.on_bad_image, ("skip", "error"), "data.on_bad_image")
     root = data_cfg.root
     if same_root(root, trained_root):
@@ -281,7 +289,7 @@ def split_records(data: DataSplits, split: str) -> list[Record]:
 
 def evaluate_records(checkpoint: dict, data: DataSplits, records: list[Record], data_cfg: DictConfig,
                      split: str, out: Path, device: torch.device, batch_size: int,
-                     top_k: int) -> tuple[dict[str, float], list[tuple[str, str]]]:
+                     top_k: int, tta: str = "none") -> tuple[dict[str, float], list[tuple[str, str]]]:
     """Metrics and reports for one split, decoded through training's own dataset code (RAM cache
     included, since its shrinking changes pixels)."""
     preprocess = checkpoint["preprocess"]
@@ -291,7 +299,7 @@ def evaluate_records(checkpoint: dict, data: DataSplits, records: list[Record], 
     loader = build_loader(built.datasets["eval"], batch_size, train=False, num_workers=data_cfg.num_workers,
                           seed=0, pin_memory=device.type == "cuda")
     model, normalize, amp_dtype = runnable_model(checkpoint, device)
-    logits, labels, _, skipped = predict_logits(model, loader, normalize, amp_dtype)
+    logits, labels, _, skipped = predict_logits(with_tta(model, tta), loader, normalize, amp_dtype)
     skipped = built.skipped + skipped
     with warnings.catch_warnings():  # a folder with a subset of the classes is expected here
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")

@@ -7,12 +7,14 @@ the same preprocessing arithmetic in every command.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer.config import require
+from transfer.data.dataset import raise_if_strict
 from transfer.errors import UserError
 
 
@@ -60,18 +62,75 @@ class Normalizer:
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
                    amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """(logits, labels, dataset indices, skipped files) over a whole loader, on the CPU."""
+    """(logits, labels, dataset indices, skipped files) over a whole loader, on the CPU. Runs a copy of the
+    model with its BatchNorms folded into the convolutions before them (checked on the first batch)."""
     model.eval()
+    folded, checked = fold_batchnorm(model), False
     logits, labels, indices, skipped = [], [], [], []
     for batch in loader:
+        raise_if_strict(batch)
         skipped += batch["skipped"]
         if len(batch["label"]) == 0:
             continue
         with autocast(normalize.device, amp_dtype):
-            output = model(normalize(batch["image"]))
+            images = normalize(batch["image"])
+            if folded is not None and not checked:
+                checked = True
+                folded = folded if same_outputs(folded(images[:8]), model(images[:8])) else None
+            output = (folded or model)(images)
         logits.append(output.float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
     if not logits:
         raise UserError("no readable images to evaluate.")
     return torch.cat(logits), torch.cat(labels), torch.cat(indices), skipped
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module | None:
+    """For inference: a copy of the eval-mode model in which every BatchNorm2d that directly follows a Conv2d
+    (next to it among its parent's children) is folded into that convolution's weights and bias, a third
+    fewer passes over the activations on CPU (EfficientNet-Lite0: eval 1.5× faster). timm's BatchNormAct2d
+    keeps its activation. Registration order is not always call order: callers compare the copy's outputs
+    with the model's once (`same_outputs`). None when nothing folds, and on GPUs (not measured there) and
+    for compiled models (a new module would be compiled again at every evaluation)."""
+    first_parameter = next(model.parameters(), None)
+    if model.training or first_parameter is None or first_parameter.device.type != "cpu" or \
+            any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
+        return None
+    pairs = [(parent, first, second) for parent in model.modules()
+             for first, second in zip(list(parent._modules), list(parent._modules)[1:])
+             if _foldable(parent._modules[first], parent._modules[second])]
+    if not pairs:
+        return None
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    memo = {}
+    copy_ = copy.deepcopy(model, memo)
+    for parent, first, second in pairs:
+        twin = memo[id(parent)]
+        conv, norm = twin._modules[first], twin._modules[second]
+        channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.dim() == 4
+        fused = fuse_conv_bn_eval(conv, norm)
+        if channels_last:
+            fused = fused.to(memory_format=torch.channels_last)
+        twin._modules[first] = fused
+        twin._modules[second] = nn.Sequential(norm.drop, norm.act) if hasattr(norm, "act") else nn.Identity()
+    return copy_.eval()
+
+
+def _foldable(conv: nn.Module | None, norm: nn.Module | None) -> bool:
+    from timm.layers import BatchNormAct2d
+
+    plain = type(norm) is nn.BatchNorm2d
+    with_act = isinstance(norm, BatchNormAct2d) and type(norm).forward is BatchNormAct2d.forward
+    return isinstance(conv, nn.Conv2d) and (plain or with_act) and norm.track_running_stats and \
+        norm.running_mean is not None and conv.out_channels == norm.num_features
+
+
+def same_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether two logit batches agree to float rounding (1e-3 of their scale; bf16/fp16: 3e-2)."""
+    tolerance = 1e-3 if theirs.dtype == torch.float32 and ours.dtype == torch.float32 else 3e-2
+    ours, theirs = ours.float(), theirs.float()
+    if ours.shape != theirs.shape:
+        return False
+    return (ours - theirs).abs().max().item() <= tolerance * max(theirs.abs().max().item(), 1.0)

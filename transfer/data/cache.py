@@ -1,13 +1,24 @@
-"""`data.cache=ram`: decode every image once, keep uint8 arrays, skip file reads after epoch one.
+"""Decoded-image caches (`data.cache`): decode every image once, so later epochs skip reading and decoding.
 
-Images are shrunk (never enlarged) to the largest side any transform needs, which bounds memory;
-when even that would not fit in the budget the cache is refused with a message and training reads
-files as usual.
+  none   read and decode the files every epoch
+  ram    uint8 arrays in this process's memory, within half of the available memory
+  disk   uint8 arrays in one memory-mapped file under `data.cache_dir` (images/), reused by later runs
+         over the same files: keyed by a hash of the paths, sizes, modification times and the kept side
+
+Images are shrunk (never enlarged) to the largest side any transform needs, which bounds the size.
+When the cache would not fit (memory budget, free disk space) training says so in one line and reads the
+files as usual. Either cache reports its size in one line. Both are looked up by file path with `.get`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,6 +27,23 @@ from PIL import Image
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.sources import Record
 from transfer.errors import UserError
+
+CACHE_KINDS = ("none", "ram", "disk")
+DISK_FORMAT = 1
+DISK_RESERVE_BYTES = 1 << 30  # a disk cache never leaves less free space than this
+
+
+def default_cache_dir() -> Path:
+    """$TRANSFER_CACHE_DIR, else $XDG_CACHE_HOME/transfer, else ~/.cache/transfer."""
+    if os.environ.get("TRANSFER_CACHE_DIR"):
+        return Path(os.environ["TRANSFER_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "transfer"
+
+
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """`data.cache_dir`, or the default when it is null."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
 def available_memory_bytes() -> int:
@@ -55,23 +83,178 @@ def shrink(image: np.ndarray, keep_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
+def build_cache(kind: str, records: list[Record], keep_side: int, strict: bool = False,
+                cache_dir: str | os.PathLike | None = None,
+                budget_bytes: int | None = None) -> tuple[dict | DiskCache | None, list[tuple[str, str]]]:
+    """(cache or None, skipped files) for `data.cache=kind`; prints one line on what it holds or why not."""
+    if kind == "ram":
+        return fill_cache(records, keep_side, budget_bytes, strict)
+    if kind == "disk":
+        return DiskCache.open_or_build(records, keep_side, cache_root(cache_dir) / "images", strict)
+    return None, []
+
+
 def fill_cache(records: list[Record], keep_side: int, budget_bytes: int | None = None,
                strict: bool = False) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, str]]]:
-    """(cache or None when it would not fit, skipped files). Keyed by file path."""
+    """`data.cache=ram`: (cache or None when it would not fit, skipped files). Keyed by file path."""
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes() // 2
     needed = estimate_bytes(records, keep_side)
     if needed > budget:
-        print(f"data.cache=ram needs ~{needed / 1e9:.1f} GB but the budget is {budget / 1e9:.1f} GB; "
-              "reading images from disk each epoch instead (data.cache=none).")
+        print(f"data.cache=ram needs ~{_size(needed)} but the budget is {_size(budget)} (half the available "
+              "memory); reading images from disk each epoch instead (data.cache=none; data.cache=disk keeps them "
+              "in a memory-mapped file).")
         return None, []
     cache, skipped = {}, []
+    for source, image in _decoded(records, keep_side, strict, skipped):
+        cache[source] = image
+    held = sum(image.nbytes for image in cache.values())
+    print(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
+    return cache, skipped
+
+
+def _decoded(records: list[Record], keep_side: int, strict: bool, skipped: list):
+    """(path, shrunk uint8 image) for each distinct readable file; unreadable ones go to `skipped`."""
+    seen = set()
     for record in records:
-        if isinstance(record.source, np.ndarray) or record.source in cache:
+        if isinstance(record.source, np.ndarray) or record.source in seen:
             continue
+        seen.add(record.source)
         try:
-            cache[record.source] = shrink(read_rgb(record.source), keep_side)
+            yield record.source, shrink(read_rgb(record.source), keep_side)
         except BadImageError as error:
             if strict:
                 raise UserError(f"bad image {error.path}: {error.reason} (data.on_bad_image=error)") from None
             skipped.append((str(error.path), error.reason))
-    return cache, skipped
+
+
+class DiskCache:
+    """Decoded images in one flat uint8 file (`KEY.u8`, memory-mapped) with an index (`KEY.json`: per path
+    its offset and shape, and the files that would not decode). Both are written under temporary names and
+    renamed into place, the index last, so a cache that exists is complete. Pickles without its pixels:
+    each loader worker maps the file itself."""
+
+    def __init__(self, data_path: Path, index: dict) -> None:
+        self.data_path = Path(data_path)
+        self.entries: dict[str, tuple[int, int, int]] = {path: tuple(entry) for path, entry in index["entries"].items()}
+        self.skipped: list[tuple[str, str]] = [tuple(item) for item in index.get("skipped", [])]
+        self.nbytes = int(index["nbytes"])
+        self._map: np.ndarray | None = None
+
+    @staticmethod
+    def key(records: list[Record], keep_side: int) -> str:
+        """Hash of what decides the cached pixels: each file's path, size and modification time, the kept side."""
+        digest = hashlib.sha256(f"transfer-image-cache {DISK_FORMAT} {keep_side}\n".encode())
+        for path in sorted({record.source for record in records if isinstance(record.source, str)}):
+            try:
+                info = os.stat(path)
+                digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()[:24]
+
+    @classmethod
+    def open_or_build(cls, records: list[Record], keep_side: int, folder: Path,
+                      strict: bool = False) -> tuple[DiskCache | None, list[tuple[str, str]]]:
+        key = cls.key(records, keep_side)
+        data_path, index_path = folder / f"{key}.u8", folder / f"{key}.json"
+        cache = cls.load(data_path, index_path)
+        if cache is not None:
+            if strict and cache.skipped:
+                path, reason = cache.skipped[0]
+                raise UserError(f"bad image {path}: {reason} (data.on_bad_image=error)")
+            print(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path} (reused), "
+                  f"memory-mapped")
+            return cache, cache.skipped
+        needed = estimate_bytes(records, keep_side)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as error:
+            print(f"data.cache=disk: cannot use {folder} ({error.strerror or error}); reading images from disk "
+                  "each epoch instead (data.cache=none). Set data.cache_dir to a writable folder.")
+            return None, []
+        if needed > free - DISK_RESERVE_BYTES:
+            print(f"data.cache=disk needs ~{_size(needed)} but {folder} has {_size(free)} free (keeping "
+                  f"{_size(DISK_RESERVE_BYTES)}); reading images from disk each epoch instead (data.cache=none). "
+                  "Point data.cache_dir at a larger disk.")
+            return None, []
+        try:
+            cache = cls.build(records, keep_side, data_path, index_path, strict)
+        except OSError as error:
+            print(f"data.cache=disk: writing {data_path} failed ({error.strerror or error}); reading images from "
+                  "disk each epoch instead (data.cache=none).")
+            return None, []
+        print(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path}, memory-mapped")
+        return cache, cache.skipped
+
+    @classmethod
+    def load(cls, data_path: Path, index_path: Path) -> DiskCache | None:
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("format") != DISK_FORMAT or data_path.stat().st_size != index["nbytes"]:
+                return None
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(data_path, index)
+
+    @classmethod
+    def build(cls, records: list[Record], keep_side: int, data_path: Path, index_path: Path,
+              strict: bool = False) -> DiskCache:
+        entries, skipped, offset = {}, [], 0
+        handle, temporary = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                for source, image in _decoded(records, keep_side, strict, skipped):
+                    image = np.ascontiguousarray(image, dtype=np.uint8)
+                    stream.write(image.tobytes())
+                    entries[source] = (offset, image.shape[0], image.shape[1])
+                    offset += image.nbytes
+            os.replace(temporary, data_path)
+            temporary = None
+            index = {"format": DISK_FORMAT, "keep_side": keep_side, "nbytes": offset, "entries": entries,
+                     "skipped": skipped}
+            _write_atomically(index_path, json.dumps(index).encode())
+        finally:
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+        return cls(data_path, json.loads(index_path.read_text()))
+
+    def _pixels(self) -> np.ndarray:
+        if self._map is None:
+            self._map = np.memmap(self.data_path, dtype=np.uint8, mode="r") if self.nbytes else np.empty(0, np.uint8)
+        return self._map
+
+    def get(self, path: str, default=None) -> np.ndarray | None:
+        """A writable copy of the cached image (transforms may work in place), or `default`."""
+        entry = self.entries.get(path)
+        if entry is None:
+            return default
+        offset, height, width = entry
+        return np.array(self._pixels()[offset:offset + height * width * 3].reshape(height, width, 3))
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_map": None}
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.sources import Record
@@ -42,9 +42,11 @@ class ImageDataset(Dataset):
         try:
             image = self.image(index)
         except BadImageError as error:
-            if self.strict:
+            if self.strict and get_worker_info() is None:
                 raise
-            return (None, str(error.path), error.reason)
+            # a worker cannot raise it (torch re-raises a RuntimeError with a traceback): the main
+            # process does, in raise_if_strict, when the batch arrives
+            return (None, str(error.path), error.reason, self.strict)
         if self.transform is not None:
             if self.seed is not None:  # one stream for all steps: set_random_seed gives each step its own copy
                 key = hash((self.seed, epoch, index)) & 0x7FFFFFFF
@@ -57,7 +59,16 @@ def collate_skipping_bad(items: list) -> dict:
     """Default collation of good samples; bad ones become `batch['skipped']` [(path, reason)]."""
     good = [item for item in items if isinstance(item, dict)]
     skipped = [(item[1], item[2]) for item in items if not isinstance(item, dict)]
+    fatal = [(item[1], item[2]) for item in items if not isinstance(item, dict) and item[3]]
     batch = default_collate(good) if good else {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long),
                                                  "index": torch.empty(0, dtype=torch.long)}
     batch["skipped"] = skipped
+    batch["fatal"] = fatal
     return batch
+
+
+def raise_if_strict(batch: dict) -> None:
+    """With data.on_bad_image=error, the first unreadable file of a batch ends the command."""
+    if batch.get("fatal"):
+        path, reason = batch["fatal"][0]
+        raise BadImageError(path, reason)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from transfer.augment import build_eval_transform, build_train_transform
 from transfer.config import require
-from transfer.data.cache import fill_cache
+from transfer.data.cache import CACHE_KINDS, build_cache
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
 from transfer.data.sources import DataSplits, Record, build_splits
 
@@ -32,9 +32,10 @@ class Data:
 
 def index_data(data_cfg) -> DataSplits:
     """The class list and the records of each split (nothing decoded yet)."""
-    require(data_cfg.cache, ("none", "ram"), "data.cache")
+    require(data_cfg.cache, CACHE_KINDS, "data.cache")
     require(data_cfg.on_bad_image, ("skip", "error"), "data.on_bad_image")
-    return build_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    return build_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed,
+                        allow_outside_root=data_cfg.get("allow_outside_root", False))
 
 
 def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps: list[dict], seed: int) -> Data:
@@ -42,8 +43,9 @@ def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps
     strict = data_cfg.on_bad_image == "error"
     skipped = list(splits.skipped)
     cache = None
-    if data_cfg.cache == "ram":
-        cache, bad = fill_cache(_all_records(splits), keep_side=_keep_side(preprocess), strict=strict)
+    if data_cfg.cache != "none":
+        cache, bad = build_cache(data_cfg.cache, _all_records(splits), keep_side=_keep_side(preprocess), strict=strict,
+                                 cache_dir=getattr(data_cfg, "cache_dir", None))
         skipped += bad
         splits = _without(splits, {path for path, _ in bad})
     train_transform = build_train_transform(augment_steps, preprocess)
@@ -78,6 +80,9 @@ def resolve_workers(num_workers: int | str) -> int:
     return 0 if cores <= 2 else min(cores - 1, 8)
 
 
+SAMPLERS = ("random", "balanced")
+
+
 class EpochSampler(Sampler):
     """Yields (epoch, index) pairs: shuffled by (seed, epoch) for training, in order otherwise."""
 
@@ -99,12 +104,33 @@ class EpochSampler(Sampler):
         return self.size
 
 
+class BalancedEpochSampler(EpochSampler):
+    """Yields (epoch, index) pairs drawn with replacement, each class equally likely (weights 1 / class
+    count, as scikit-learn's 'balanced'), keyed by (seed, epoch); an epoch has as many samples as the data."""
+
+    def __init__(self, labels: list[int], seed: int) -> None:
+        super().__init__(len(labels), shuffle=True, seed=seed)
+        labels_tensor = torch.as_tensor(labels, dtype=torch.long)
+        counts = torch.bincount(labels_tensor).double()
+        self.weights = (1.0 / counts)[labels_tensor]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+        return iter([(self.epoch, index) for index in order])
+
+
 def build_loader(dataset: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 pin_memory: bool = False) -> DataLoader:
-    """The one place that picks samplers and loader settings."""
+                 pin_memory: bool = False, sampler: str = "random") -> DataLoader:
+    """The one place that picks samplers and loader settings; `sampler` (data.sampler) applies to training."""
+    require(sampler, SAMPLERS, "data.sampler")
     workers = resolve_workers(num_workers)
+    if train and sampler == "balanced":
+        chosen = BalancedEpochSampler([record.label for record in dataset.records], seed=seed)
+    else:
+        chosen = EpochSampler(len(dataset), shuffle=train, seed=seed)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle=train, seed=seed),
+        dataset, batch_size=batch_size, sampler=chosen,
         num_workers=workers, collate_fn=collate_skipping_bad, pin_memory=pin_memory,
         drop_last=train and len(dataset) > batch_size, persistent_workers=workers > 0,
         worker_init_fn=_quiet_opencv if workers > 0 else None,

@@ -8,6 +8,7 @@ config always sees the same train/val/test partition.
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,14 @@ class DataSplits:
         return {name: len(records) for name, records in self.splits.items()}
 
 
-def build_splits(root: str | None, val_fraction: float, test_fraction: float, split_seed: int) -> DataSplits:
-    """Index the data the user pointed at and return the train/val/test records."""
+def build_splits(root: str | None, val_fraction: float, test_fraction: float, split_seed: int,
+                 allow_outside_root: bool = False) -> DataSplits:
+    """Index the data the user pointed at and return the train/val/test records.
+
+    A manifest may only name files below its own folder unless `allow_outside_root` (a manifest from
+    elsewhere must not make transfer read arbitrary files). A file that ends up in two splits stays
+    in the first of train, val, test and is listed as skipped in the others.
+    """
     if root is None:
         from transfer.data.digits import digits_records
 
@@ -57,8 +64,8 @@ def build_splits(root: str | None, val_fraction: float, test_fraction: float, sp
         if not path.exists():
             raise UserError(f"data.root={root} does not exist. Point data.root at a folder of class "
                             "folders, a folder with train/ val/ test/ inside, or a CSV manifest.")
-        pooled = read_manifest(path) if path.is_file() else read_folder(path)
-    return complete_splits(pooled, val_fraction, test_fraction, split_seed)
+        pooled = read_manifest(path, allow_outside_root) if path.is_file() else read_folder(path)
+    return drop_shared_files(complete_splits(pooled, val_fraction, test_fraction, split_seed))
 
 
 def read_folder(root: Path) -> DataSplits:
@@ -105,29 +112,52 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
-def read_manifest(csv_path: Path) -> DataSplits:
-    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
-        rows = list(csv.DictReader(handle))
-    columns = set(rows[0]) if rows else set()
+def read_manifest(csv_path: Path, allow_outside_root: bool = False) -> DataSplits:
+    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder, and must stay
+    below it unless `allow_outside_root`."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel writes a BOM
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{csv_path} is not a readable UTF-8 CSV ({error}). Save it as CSV UTF-8 with a header "
+                        "path,label[,split].") from None
+    columns = {column for column in rows[0] if column is not None} if rows else set()
     if not {"path", "label"} <= columns:
         raise UserError(f"{csv_path} needs a header with columns path,label[,split]; found {sorted(columns) or 'none'}.")
     classes = sorted({row["label"] for row in rows if row["label"]})
     splits: dict[str, list[Record]] = {}
     skipped = []
+    outside = []
     for number, row in enumerate(rows, start=2):
+        if not row["path"]:
+            skipped.append((f"{csv_path}:{number}", "empty path"))
+            continue
         image = (csv_path.parent / row["path"]).resolve()
         if not row["label"]:
             skipped.append((f"{csv_path}:{number}", "empty label"))
+            continue
+        if not allow_outside_root and not is_inside(image, csv_path.parent):
+            outside.append((number, row["path"]))
             continue
         split = SPLIT_ALIASES.get((row.get("split") or "all").strip().lower(), None) or "all"
         if not image.is_file():
             skipped.append((str(image), f"listed in {csv_path.name} line {number} but missing"))
             continue
         splits.setdefault(split, []).append(Record(str(image), classes.index(row["label"])))
+    if outside:
+        number, path = outside[0]
+        raise UserError(f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder "
+                        f"{csv_path.parent.resolve()}, e.g. line {number}: {path}. If you trust this manifest, "
+                        "allow it with data.allow_outside_root=true.")
     if "all" in splits and len(splits) > 1:
         raise UserError(f"{csv_path}: some rows have a split and some do not; give every row a split or none.")
     return DataSplits(classes, splits, skipped, description=f"manifest {csv_path}")
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether `path` is `root` or below it once both are resolved (`..` and symlinks followed), for
+    every reader of file lists (manifests, COCO annotations) that names files relative to a root."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def complete_splits(data: DataSplits, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
@@ -143,6 +173,35 @@ def complete_splits(data: DataSplits, val_fraction: float, test_fraction: float,
     _check_every_class_trains(data.classes, pool)
     ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
     return DataSplits(data.classes, ordered, data.skipped, data.description)
+
+
+def drop_shared_files(data: DataSplits) -> DataSplits:
+    """Keep a file that sits in two splits (listed twice, or linked from two folders) only in the first of
+    train, val, test: in both it would leak training data into evaluation. The others are listed as skipped."""
+    owners: dict[tuple[int, int], tuple[str, str]] = {}
+    splits, skipped = {}, list(data.skipped)
+    for split, records in data.splits.items():
+        kept = []
+        for record in records:
+            key = _file_identity(record.source)
+            owner = owners.setdefault(key, (split, record.name)) if key is not None else (split, "")
+            if owner[0] != split:
+                skipped.append((record.name, f"same file as {owner[1]} in {owner[0]}; left out of {split}"))
+                continue
+            kept.append(record)
+        splits[split] = kept
+    return DataSplits(data.classes, splits, skipped, data.description)
+
+
+def _file_identity(source: str | np.ndarray) -> tuple[int, int] | None:
+    """(device, inode): one key for a path, its symlinks and hard links; None for arrays and unreadable paths."""
+    if not isinstance(source, str):
+        return None
+    try:
+        info = os.stat(source)
+    except (OSError, ValueError):
+        return None  # reported with its reason when it is read
+    return info.st_dev, info.st_ino
 
 
 def _stratified(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

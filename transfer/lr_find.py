@@ -1,0 +1,205 @@
+"""The learning-rate finder: `transfer lr-find [overrides] [out=DIR]`, and `optim.lr=auto` in training.
+
+An exponential sweep (Smith 2015; fastai's `lr_find`): from `lr_find.start_lr` to `lr_find.end_lr` over
+`lr_find.num_iter` updates of the configured optimizer (layer decay's `lr_scale` included), on the
+parameters that optim.lr drives (the plan's last epoch: everything, or the head for a linear probe). The
+loss is smoothed with an exponential moving average (`lr_find.smooth`, bias-corrected) and the sweep ends
+early once it exceeds `lr_find.diverge` times its minimum. The suggestion (`lr_find.method`):
+  steepest  where the smoothed loss falls fastest against log(lr), before its minimum (the default: on the
+            Fashion-MNIST benchmark it lands within 1.3x of the best lr of a sweep, see the issue notes)
+  valley    fastai's default: the middle of the longest stretch where the smoothed loss keeps falling (with a
+            long flat start it picks too low here)
+  minimum   a tenth of the lr at the smoothed loss's minimum
+The model's weights, BatchNorm statistics and every random stream are restored afterwards, so a run with
+`optim.lr=auto` is the run with `optim.lr=<the pick>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from transfer.config import require
+from transfer.errors import UserError
+
+METHODS = ("steepest", "valley", "minimum")
+LR_FIND_KEYS = ("out",)
+
+
+@dataclass
+class Sweep:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggestion: float = float("nan")
+    method: str = "steepest"
+    suggestions: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def suggest(lrs: list[float], smoothed: list[float], method: str = "steepest") -> float:
+    require(method, METHODS, "lr_find.method")
+    lrs_arr, losses = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    if len(lrs_arr) < 3:
+        raise UserError("the LR sweep stopped after fewer than 3 steps: raise lr_find.num_iter or lower "
+                        "lr_find.start_lr.")
+    if method == "minimum":
+        return float(lrs_arr[int(np.argmin(losses))] / 10)
+    if method == "steepest":  # on the way down to the minimum, not in the divergence after it
+        end = int(np.argmin(losses)) + 1
+        gradient = np.gradient(losses[:max(end, 2)], np.log(lrs_arr[:max(end, 2)]))
+        return float(lrs_arr[int(np.argmin(gradient))])
+    return float(lrs_arr[valley_index(losses)])
+
+
+def valley_index(losses: np.ndarray) -> int:
+    """fastai's valley: the longest decreasing subsequence of the loss, then the point half-way along it
+    (a third plus a sixth of its length, as fastai rounds them)."""
+    n = len(losses)
+    lengths = [1] * n
+    best_start, best_end = 0, 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and lengths[i] < lengths[j] + 1:
+                lengths[i] = lengths[j] + 1
+            if lengths[best_end] < lengths[i]:
+                best_end = i
+                best_start = best_end - lengths[best_end]
+    sections = (best_end - best_start) / 3
+    return min(n - 1, best_start + int(sections) + int(sections / 2))
+
+
+def sweep_lr(model: nn.Module, plan, optim: Mapping, loader, normalize, criterion: nn.Module, device: torch.device,
+             amp_dtype=None, start_lr: float = 1e-6, end_lr: float = 1.0, num_iter: int = 60, smooth: float = 0.9,
+             diverge: float = 4.0, method: str = "steepest", grad_clip: float | None = None) -> Sweep:
+    """Run the sweep; the model comes back exactly as it went in (weights, buffers, RNG streams)."""
+    from transfer.checkpoint import restore_rng_state, rng_state
+    from transfer.inference import autocast
+    from transfer.optim import build_optimizer
+
+    require(method, METHODS, "lr_find.method")
+    if not 0 < start_lr < end_lr:
+        raise UserError(f"lr_find.start_lr={start_lr} must be above 0 and below lr_find.end_lr={end_lr}.")
+    num_iter = max(int(num_iter), 3)
+    saved_weights, saved_rng = copy.deepcopy(model.state_dict()), rng_state()
+    saved_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    started = time.perf_counter()
+    result = Sweep(method=method)
+    try:
+        plan.enter(model, plan.epochs - 1)
+        optimizer = build_optimizer(model, plan, optim, lr=start_lr)
+        ratio = (end_lr / start_lr) ** (1 / (num_iter - 1))
+        average, best = 0.0, math.inf
+        for step, batch in enumerate(batches(loader, num_iter)):
+            lr = start_lr * ratio ** step
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            labels = batch["label"].to(device)
+            with autocast(device, amp_dtype):
+                loss = criterion(model(normalize(batch["image"])), labels)
+            value = float(loss.item())
+            if not math.isfinite(value):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            average = smooth * average + (1 - smooth) * value
+            smoothed = average / (1 - smooth ** (step + 1))
+            result.lrs.append(lr)
+            result.losses.append(value)
+            result.smoothed.append(smoothed)
+            best = min(best, smoothed)
+            if step > 2 and smoothed > diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved_weights)
+        model.zero_grad(set_to_none=True)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = saved_grad[name]
+        restore_rng_state(saved_rng)
+    result.suggestions = {name: suggest(result.lrs, result.smoothed, name) for name in METHODS}
+    result.suggestion = result.suggestions[method]
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def batches(loader, count: int):
+    """`count` training batches, through as many epochs of the loader as that takes (epochs numbered from
+    10**6, so the sweep's augmentations are its own)."""
+    epoch, done = 10**6, 0
+    while done < count:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            if len(batch["label"]) == 0:
+                continue
+            yield batch
+            done += 1
+            if done == count:
+                return
+        epoch += 1
+
+
+def write_sweep(sweep: Sweep, folder: Path) -> tuple[Path, Path]:
+    """lr_find.json (every point, the suggestions) and lr_find.png (smoothed loss against lr, the pick)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data_path, plot_path = folder / "lr_find.json", folder / "lr_find.png"
+    data_path.write_text(json.dumps(asdict(sweep), indent=1) + "\n")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(sweep.lrs, sweep.losses, alpha=0.3, label="loss")
+    axes.plot(sweep.lrs, sweep.smoothed, label="smoothed loss")
+    axes.axvline(sweep.suggestion, color="red", linestyle="--", label=f"{sweep.method}: {sweep.suggestion:.2e}")
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    low, high = min(sweep.smoothed), max(sweep.smoothed[: max(3, len(sweep.smoothed) // 2)] + [min(sweep.smoothed)])
+    axes.set_ylim(low - 0.1 * abs(low), high + 0.5 * abs(high - low) + 1e-3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=100)
+    plt.close(figure)
+    return data_path, plot_path
+
+
+def sweep_settings(cfg) -> dict:
+    settings = dict(cfg.get("lr_find") or {})
+    settings.setdefault("grad_clip", cfg.trainer.get("grad_clip"))
+    return settings
+
+
+def lr_find_command(arguments: list[str]) -> int:
+    """`transfer lr-find [overrides] [out=DIR]`: the sweep on the configured data and model, its plot,
+    and the suggested optim.lr."""
+    from omegaconf import OmegaConf
+
+    from transfer.config import compose, without_hydra
+    from transfer.commands import split_options
+
+    options, overrides = split_options(arguments, LR_FIND_KEYS)
+    cfg = without_hydra(compose(overrides))
+    out = Path(options.get("out") or f"runs/lr_find_{time.strftime('%Y-%m-%d_%H-%M-%S')}").expanduser()
+    from transfer.techniques import prepare
+
+    setup = prepare(cfg)
+    sweep = sweep_lr(setup.model, setup.plan, OmegaConf.to_container(cfg.optim), setup.train_loader, setup.normalize,
+                     setup.criterion, setup.device, setup.amp_dtype, **sweep_settings(cfg))
+    data_path, plot_path = write_sweep(sweep, out)
+    others = ", ".join(f"{name} {value:.2e}" for name, value in sweep.suggestions.items() if name != sweep.method)
+    print(f"suggested optim.lr={sweep.suggestion:.2e} ({sweep.method}; {others}); {len(sweep.lrs)} steps in "
+          f"{sweep.seconds:.1f}s; plot {plot_path}, points {data_path}")
+    return 0
