@@ -39,7 +39,7 @@ from transfer.techniques import Techniques, final_weights
 from transfer.tta import with_tta
 
 
-DIGITS_INPUT_SIZE = 64
+DIGITS_INPUT_SIZE = 48
 
 
 def seed_everything(seed: int) -> None:
