@@ -9,7 +9,8 @@ For one model, input size and batch size it measures, in one process:
       loss, backward, optimizer step) on one uint8 batch already in memory;
   (b) end-to-end images/s: whole epochs of the real loop (`Loop.train_epoch`) fed by the real
       pipeline from an image folder (index, decode or cache, augment, collate, step);
-  (c) b / a;
+  (c) b / a, and beside it the share of those real epochs spent waiting for the next batch (the input
+      stall, timed inside the same epochs, so unmoved by load that changes between the blocks);
   (d) peak resident memory of the process (model, optimizer, data cache, workers);
 and the same for evaluation (`predict_logits` over the test split against forward passes alone).
 
@@ -133,8 +134,7 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
     workers = resolve_workers(cfg.data.num_workers)
     train_loader = build_loader(data.datasets["train"], cfg.data.batch_size, train=True,
                                 num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
-    if args.max_steps:
-        train_loader = _capped(train_loader, args.max_steps)
+    train_loader = _instrumented(train_loader, args.max_steps)
     kit = Techniques(cfg, model, plan, data, train_loader, normalize, amp_dtype, device, None, log=lambda _: None)
     loop = Loop(model, kit.optimizer, kit.scheduler, kit.criterion, normalize, amp_dtype, cfg, device, kit=kit)
     steps = len(train_loader)
@@ -169,6 +169,7 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
 
     compute_block(3)  # warm-up: allocator, kernels, torch.compile
     pipeline_epoch(0)  # warm-up: the first epoch starts the workers (and a disk cache's page cache)
+    type(train_loader).wait = 0.0
     train = {"compute_s": 0.0, "compute_n": 0, "pipeline_s": 0.0, "pipeline_n": 0}
     for round_ in range(args.rounds):
         train["compute_s"] += compute_block(steps)
@@ -176,6 +177,7 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
         seconds, count = pipeline_epoch(round_ + 1)
         train["pipeline_s"] += seconds
         train["pipeline_n"] += count
+    train["wait_s"] = type(train_loader).wait
     cache = " ".join(line.strip() for line in said.getvalue().splitlines() if line.startswith("data.cache"))
     result = {"cfg": cfg, "device": device, "amp": amp_dtype, "workers": workers, "data_seconds": data_seconds,
               "train": train, "cache": cache}
@@ -225,24 +227,31 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
     return result
 
 
-def _capped(loader, steps: int):
-    """The loader with each epoch cut to its first `steps` batches (for quick looks at big folders)."""
+def _instrumented(loader, steps: int = 0):
+    """The loader, each epoch cut to its first `steps` batches (0: all), timing how long the loop waits for
+    each batch (`.wait`, seconds, summed): the input stall, measured inside the real epochs themselves."""
     from torch.utils.data import DataLoader
 
-    class Capped(DataLoader):
+    class Instrumented(DataLoader):
+        wait = 0.0
+
         def __len__(self) -> int:
-            return min(steps, super().__len__())
+            return min(steps, super().__len__()) if steps else super().__len__()
 
         def __iter__(self):
-            for index, batch in enumerate(super().__iter__()):
-                if index >= steps:
-                    break
+            batches = super().__iter__()
+            for _ in range(len(self)):
+                started = time.perf_counter()
+                batch = next(batches, None)
+                Instrumented.wait += time.perf_counter() - started
+                if batch is None:
+                    return
                 yield batch
 
-    return Capped(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
-                  num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                  drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
-                  worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor)
+    return Instrumented(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                        drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
+                        worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor)
 
 
 def figures(part: dict) -> tuple[float, float, float]:
@@ -259,7 +268,8 @@ def line(args: argparse.Namespace, result: dict, load_before: str) -> str:
              f"cache={cfg.data.cache} workers={result['workers']} device={result['device']} amp={amp} "
              f"channels_last={cfg.trainer.channels_last}{' compile' if args.compile else ''} "
              f"threads={torch.get_num_threads()} omp_wait={os.environ.get('OMP_WAIT_POLICY', 'default')}",
-             f"train: compute {compute:.0f} img/s, pipeline {pipeline:.0f} img/s, ratio {ratio:.2f}"]
+             f"train: compute {compute:.0f} img/s, pipeline {pipeline:.0f} img/s, ratio {ratio:.2f}, "
+             f"waiting for data {result['train']['wait_s'] / result['train']['pipeline_s']:.1%} of the epochs"]
     if "eval" in result:
         compute, pipeline, ratio = figures(result["eval"])
         parts.append(f"eval ({result['eval_split']}, batch {cfg.data.eval_batch_size}): compute {compute:.0f} img/s, "

@@ -122,3 +122,14 @@ def test_train_with_the_disk_cache(tiny_image_folder: Path, run_cli, tmp_path: P
     assert code == 0, err
     assert (tmp_path / "run" / "metrics.json").exists()
     assert "data.cache=disk: 36 images" in out and len(list((tmp_path / "cache" / "images").glob("*.u8"))) == 1
+
+
+def test_evaluation_outputs_are_kept_after_the_first_pass(tmp_path: Path) -> None:
+    records = images(tmp_path / "images")[:-1]
+    transform = build_eval_transform(PREPROCESS)
+    dataset = ImageDataset(records, transform, memoize=True)
+    first = [dataset[index]["image"] for index in range(len(records))]
+    assert len(dataset.memo) == len(records)
+    Path(records[0].source).unlink()  # a second pass reads nothing
+    assert all(torch.equal(dataset[index]["image"], image) for index, image in enumerate(first))
+    assert ImageDataset(records, transform, memoize=True, seed=0).memo is None  # training: augmented anew

@@ -347,8 +347,9 @@ def test_lr_sweep_suggests_within_the_falling_part_and_restores_the_model(train_
     assert same_weights(setup.model.state_dict(), before) and torch.equal(torch.get_rng_state(), rng)
     assert sweep.lrs == sorted(sweep.lrs) and sweep.lrs[0] == pytest.approx(1e-5)
     assert 1e-5 < sweep.suggestion < sweep.lrs[-1] and set(sweep.suggestions) == {"valley", "steepest", "minimum"}
-    at = sweep.lrs.index(min(sweep.lrs, key=lambda lr: abs(math.log(lr / sweep.suggestion))))
-    assert sweep.smoothed[at] < sweep.smoothed[0]  # a point where the loss has fallen
+    at = sweep.lrs.index(sweep.suggestion)  # steepest: where the loss falls, before its minimum
+    assert 0 < at <= sweep.smoothed.index(min(sweep.smoothed))
+    assert sweep.smoothed[min(at + 1, len(sweep.lrs) - 1)] < sweep.smoothed[at - 1]
 
 
 def test_lr_find_command_writes_plot_and_suggestion(train_only: Path, run_cli: RunCli, tmp_path: Path) -> None:

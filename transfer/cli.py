@@ -21,7 +21,7 @@ USAGE = """usage: transfer <command> [key=value ...]
 
 commands:
   train            fine-tune a model (transfer train --help lists config groups and recipes)
-  eval             evaluate a checkpoint: transfer eval checkpoint=RUN/best.pt [split=test] [data.root=DIR]
+  eval             evaluate a checkpoint: transfer eval checkpoint=RUN/best.pt [split=test] [data.root=DIR] [tta=flip]
   predict          classify images: transfer predict checkpoint=RUN/best.pt input=FILE_OR_FOLDER [top_k=5]
   augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
   lr-find          sweep the learning rate, plot the loss, suggest optim.lr: transfer lr-find [overrides] [out=DIR]

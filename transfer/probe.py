@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from transfer.data.cache import cache_root
-from transfer.data.dataset import ImageDataset
+from transfer.data.dataset import ImageDataset, raise_if_strict
 from transfer.data.loaders import build_loader
 from transfer.inference import autocast, fold_batchnorm, same_outputs
 
@@ -192,6 +192,7 @@ def extract(model: nn.Module, dataset: ImageDataset, batch_size: int, num_worker
     values, labels, indices, skipped, checked = [], [], [], [], False
     try:
         for batch in loader:
+            raise_if_strict(batch)  # data.on_bad_image=error
             skipped += batch["skipped"]
             if not len(batch["label"]):
                 continue

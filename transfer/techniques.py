@@ -188,26 +188,12 @@ class Setup:
 
 def prepare(cfg: DictConfig) -> Setup:
     """Model, plan, training loader and loss exactly as `transfer train` builds them for this config."""
-    from transfer.data.loaders import build_datasets, build_loader, index_data
-    from transfer.inference import Normalizer, pick_amp, pick_device
-    from transfer.models.backbone import build_model, resolve_preprocess, to_channels_last
-    from transfer.models.finetune import apply_strategy
     from transfer.regularize import build_criterion
-    from transfer.train import preprocess_overrides, seed_everything
+    from transfer.train import build_pipeline
 
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.trainer.device)
-    amp_dtype = pick_amp(cfg.trainer.amp, device)
-    splits = index_data(cfg.data)
-    model, _ = build_model(num_classes=len(splits.classes), **cfg.model)
-    preprocess = resolve_preprocess(model, **preprocess_overrides(cfg))
-    data = build_datasets(splits, cfg.data, preprocess, OmegaConf.to_container(cfg.augment.train), cfg.seed)
-    plan = apply_strategy(model, cfg.finetune, cfg.trainer.epochs)
-    model = to_channels_last(model, device, cfg.trainer.channels_last)
-    normalize = Normalizer(preprocess["mean"], preprocess["std"], device, cfg.trainer.channels_last)
-    loader = build_loader(data.datasets["train"], cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
-                          seed=cfg.seed, sampler=cfg.data.get("sampler", "random"))
+    built = build_pipeline(cfg)
+    data, loader, device = built.data, built.loaders["train"], built.device
     labels = [record.label for record in data.datasets["train"].records]
     criterion = build_criterion(cfg.trainer.label_smoothing, cfg.trainer.get("class_weight"), labels,
                                 len(data.classes), mixing=False).to(device)
-    return Setup(model, plan, loader, normalize, criterion, device, amp_dtype)
+    return Setup(built.model, built.plan, loader, built.normalize, criterion, device, built.amp_dtype)

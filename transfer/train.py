@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import csv
+from dataclasses import dataclass
 import json
 import math
 import random
@@ -26,7 +27,7 @@ from transfer.checkpoint import (load_checkpoint, newest_checkpoint, remove_temp
                                  rng_state, save_checkpoint)
 from transfer.config import require, to_dict
 from transfer.data.dataset import raise_if_strict
-from transfer.data.loaders import build_datasets, build_loader, index_data
+from transfer.data.loaders import Data, build_datasets, build_loader, index_data
 from transfer.distributed import is_main
 from transfer.errors import UserError
 from transfer.evaluate import classification_metrics, plot_curves, write_json, write_report
@@ -48,8 +49,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Fine-tune as configured, write the run directory, return the final metrics."""
+@dataclass
+class Pipeline:
+    """Everything a config builds before the first step, in data-flow order; shared by train, lr-find
+    and the benchmarks so they measure exactly what `transfer train` runs."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    data: Data
+    model: torch.nn.Module
+    weights_source: str
+    preprocess: dict
+    plan: object
+    normalize: Normalizer
+    loaders: dict
+
+
+def build_pipeline(cfg: DictConfig) -> Pipeline:
+    """config → splits (class list) → model → preprocessing → datasets → strategy → loaders."""
     require(cfg.finetune.strategy, STRATEGIES, "finetune.strategy")
     seed_everything(cfg.seed)
     device = pick_device(cfg.trainer.device)
@@ -67,6 +84,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                for name, dataset in data.datasets.items()}
     if len(loaders["train"]) == 0:
         raise UserError("the training split is empty.")
+    return Pipeline(device, amp_dtype, data, model, weights_source, preprocess, plan, normalize, loaders)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Fine-tune as configured, write the run directory, return the final metrics."""
+    built = build_pipeline(cfg)
+    device, amp_dtype, data, model = built.device, built.amp_dtype, built.data, built.model
+    weights_source, preprocess, plan = built.weights_source, built.preprocess, built.plan
+    normalize, loaders = built.normalize, built.loaders
     # a linear probe on deterministic inputs runs the frozen backbone once (features cached on disk) and the loop
     # below trains the head on the features: the same model object, loaders in the same order (probe.py)
     model, loaders, normalize, feature_seconds = train_on_features(cfg, model, data, loaders, normalize, amp_dtype,

@@ -19,12 +19,15 @@ from transfer.data.sources import Record
 
 class ImageDataset(Dataset):
     def __init__(self, records: list[Record], transform: Callable | None,
-                 cache: dict[str, np.ndarray] | None = None, strict: bool = False, seed: int | None = None) -> None:
+                 cache: dict[str, np.ndarray] | None = None, strict: bool = False, seed: int | None = None,
+                 memoize: bool = False) -> None:
         self.records = records
         self.seed = seed  # None: a deterministic pipeline (eval) that needs no reseeding
         self.transform = transform
         self.cache = cache if cache is not None else {}
         self.strict = strict
+        # a deterministic pipeline's outputs, kept from its first pass (in each loader worker, its share)
+        self.memo: dict[int, object] | None = {} if memoize and seed is None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -39,6 +42,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict | tuple[None, str, str]:
         """`key` is an index, or (epoch, index) from EpochSampler to seed this sample's augmentation."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
+        if self.memo is not None and index in self.memo:
+            return {"image": self.memo[index], "label": self.records[index].label, "index": index}
         try:
             image = self.image(index)
         except BadImageError as error:
@@ -52,6 +57,8 @@ class ImageDataset(Dataset):
                 key = hash((self.seed, epoch, index)) & 0x7FFFFFFF
                 self.transform.set_random_state(np.random.default_rng(key), random.Random(key))
             image = self.transform(image=image)["image"]
+        if self.memo is not None:
+            self.memo[index] = image
         return {"image": image, "label": self.records[index].label, "index": index}
 
 

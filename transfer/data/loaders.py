@@ -8,6 +8,7 @@ identical whatever the worker count, and lets a resumed run continue exactly.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from transfer.augment import build_eval_transform, build_train_transform
 from transfer.config import require
-from transfer.data.cache import CACHE_KINDS, build_cache
+from transfer.data.cache import CACHE_KINDS, available_memory_bytes, build_cache
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
 from transfer.data.sources import DataSplits, Record, build_splits
 
@@ -50,14 +51,22 @@ def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps
         splits = _without(splits, {path for path, _ in bad})
     train_transform = build_train_transform(augment_steps, preprocess)
     eval_transform = build_eval_transform(preprocess)
+    # with a cache, evaluation splits also keep their transformed images (deterministic) after the first pass
+    memoize = cache is not None and _eval_bytes(splits, preprocess) <= available_memory_bytes() // 4
     datasets = {name: ImageDataset(records, train_transform if name == "train" else eval_transform,
-                                   cache=cache, strict=strict, seed=seed if name == "train" else None)
+                                   cache=cache, strict=strict, seed=seed if name == "train" else None, memoize=memoize)
                 for name, records in splits.splits.items()}
     return Data(splits.classes, datasets, skipped, splits.description)
 
 
 def _all_records(splits: DataSplits) -> list[Record]:
     return [record for records in splits.splits.values() for record in records]
+
+
+def _eval_bytes(splits: DataSplits, preprocess: dict) -> int:
+    """Memory the evaluation splits' transformed uint8 images take."""
+    count = sum(len(records) for name, records in splits.splits.items() if name != "train")
+    return count * math.prod(preprocess["input_size"])
 
 
 def _keep_side(preprocess: dict) -> int:
