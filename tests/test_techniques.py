@@ -333,8 +333,6 @@ def test_compile_switch_compiles_the_model_in_place(images: Path, runs: Path, mo
 # 5. LR finder and optim.lr=auto
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 3): the valley suggestion can land where the smoothed loss "
-                                        "has not fallen yet on a tiny random-init model")
 def test_lr_sweep_suggests_within_the_falling_part_and_restores_the_model(train_only: Path) -> None:
     from transfer.config import compose
     from transfer.lr_find import sweep_lr

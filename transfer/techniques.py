@@ -65,7 +65,9 @@ class Techniques:
         optim = {**OmegaConf.to_container(cfg.optim), "lr": 1.0}
         sweep = sweep_lr(self.model, self.plan, optim, train_loader, normalize, self.plain_criterion(cfg, device),
                          device, amp_dtype, **sweep_settings(cfg))
-        if run_dir is not None:
+        from transfer.distributed import is_main
+
+        if run_dir is not None and is_main():
             write_sweep(sweep, run_dir)
         self.log(f"optim.lr=auto: the LR finder picked {sweep.suggestion:.3g} ({sweep.method}, {len(sweep.lrs)} "
                  f"steps, {sweep.seconds:.1f}s; plot in lr_find.png)")
