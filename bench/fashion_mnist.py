@@ -200,14 +200,15 @@ def _is_complete(out: Path, params: dict) -> bool:
     return True
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Swap a finished build into place; an old build of ours is removed only after the swap."""
+def replace_dir(tmp: Path, out: Path, builder: str = BUILDER) -> None:
+    """Swap a finished build into place; an old build of the same builder is removed only after the swap,
+    and a folder some other hand made is never removed."""
     if not out.exists():
         tmp.rename(out)
         return
     manifest = _read_manifest(out)
-    if manifest is None or manifest.get("builder") != BUILDER:
-        raise FileExistsError(f"{out} exists and was not built by {BUILDER}; refusing to overwrite it")
+    if manifest is None or manifest.get("builder") != builder:
+        raise FileExistsError(f"{out} exists and was not built by {builder}; refusing to overwrite it")
     trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
     out.rename(trash / out.name)
     tmp.rename(out)
@@ -232,7 +233,7 @@ def build_fashion_folder(out: Path, train_per_class: int = 100, test_per_class: 
         manifest = {"builder": BUILDER, "params": params, "counts": counts, "source": str(root)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
         except OSError:
             if not _is_complete(out, params):  # a concurrent build of the same folder may have won
                 raise
