@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import CLASSES, RunCli, write_png
+from conftest import CLASSES, RunCli, write_class_folder
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import main
 from transfer.config import config_dir
@@ -28,7 +28,18 @@ from transfer.models.converters import package_for
 TINY = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
         "data.num_workers=0", "data.batch_size=8", "trainer.progress=off"]  # 3 steps per epoch
 EPOCHS = 3
-RECIPES = sorted((config_dir() / "recipe").glob("*.yaml"))
+
+
+def recipe_task(path: Path) -> str:
+    """The task a recipe picks in its defaults list (`override /task: NAME`), classification otherwise."""
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        if isinstance(entry, dict) and "override /task" in entry:
+            return entry["override /task"]
+    return "classification"
+
+
+# the dense recipes' smoke runs live in tests/test_segmentation.py and tests/test_detection.py (their data)
+RECIPES = [path for path in sorted((config_dir() / "recipe").glob("*.yaml")) if recipe_task(path) == "classification"]
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "rng", "config", "classes", "preprocess"}
 
 
@@ -69,10 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(runs: Path) -> Path:
     """The conftest `tiny_image_folder`, once for the module: 3 classes × 12 images, split here."""
-    for index, name in enumerate(CLASSES):
-        for n in range(12):
-            write_png(runs / "images" / name / f"{n}.png", index, seed=index * 100 + n)
-    return runs / "images"
+    return write_class_folder(runs / "images")
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,9 @@ def eval_command(arguments: list[str]) -> int:
                    [f"{key}=" for key in EVAL_KEYS] + ["data.KEY= (the run's data config)"])
     path = run_checkpoint_file(checkpoint_argument(options))
     checkpoint = load_run_checkpoint(path)
+    if checkpoint.get("task", "classification") != "classification":
+        raise UserError(f"{path} is a {checkpoint['task']} checkpoint: transfer eval scores classifiers. Its val and "
+                        f"test metrics are in {path.parent / 'metrics.json'}; predict with transfer predict.")
     saved = checkpoint["config"]["data"]
     data_cfg = data_config(saved, data_overrides)
     data = eval_data(data_cfg, saved.get("root"), list(checkpoint["classes"]))
@@ -343,6 +346,8 @@ def predict_command(arguments: list[str]) -> int:
 
     The CSV has one row per image that could be read: `path,label_1,prob_1,...,label_k,prob_k`,
     best first, k = min(top_k, number of classes). Unreadable files go to `<out>.skipped.csv`.
+    A segmentation or detection checkpoint writes its task's outputs into the folder out= instead
+    (transfer/dense/predict.py).
     """
     options, rest = split_options(arguments, PREDICT_KEYS)
     reject_unknown(rest, "predict", [f"{key}=" for key in PREDICT_KEYS])
@@ -350,6 +355,11 @@ def predict_command(arguments: list[str]) -> int:
     files = image_files(options.get("input"))
     top_k = positive_int(options, "top_k", 5)
     batch_size = positive_int(options, "batch_size", 64)
+    dense = dense_checkpoint(path)
+    if dense is not None:  # segmentation: mask PNGs in the folder out=; detection: boxes JSON
+        from transfer.dense.predict import predict_dense
+
+        return predict_dense(dense, files, options["input"], options.get("out"), batch_size)
     out = output_file(options.get("out") or "predictions.csv", "predictions.csv")
     predictor = load_predictor(path, device_argument(options))
     probabilities, order, skipped = predict_files(predictor, files, batch_size)
@@ -357,6 +367,16 @@ def predict_command(arguments: list[str]) -> int:
     write_predictions(out, rows, skipped)
     print_predictions(rows, out, skipped)
     return 0
+
+
+def dense_checkpoint(path: Path) -> dict | None:
+    """The checkpoint when `path` holds a segmentation or detection run's, else None (exports, classifiers)."""
+    from transfer.exported import is_exported
+
+    if is_exported(path):
+        return None
+    checkpoint = load_run_checkpoint(run_checkpoint_file(path))
+    return checkpoint if checkpoint.get("task", "classification") != "classification" else None
 
 
 def image_files(value: str | None) -> list[str]:

@@ -58,6 +58,8 @@ class Source:
     checkpoint: dict
     model: nn.Module
     weights: str  # "model" or "ema": which of the checkpoint's weights the model holds
+    task: str = "classification"  # segmentation / detection: `model` is the headless classifier around the backbone
+    untrained: tuple[str, ...] = ()  # its tensors the dense model's backbone did not cover (left out of exports)
 
     @property
     def name(self) -> str:
@@ -99,6 +101,7 @@ def export_command(arguments: list[str]) -> int:
     for out in outs.values():
         prepare_output(out, overwrite)
     source = load_source(path, weights)
+    check_dense_formats(source, formats)
     command = shlex.join(["transfer", "export", *arguments])
     for fmt, out in outs.items():
         check = export(source, fmt, out, overwrite=overwrite, command=command)
@@ -176,8 +179,28 @@ def load_source(path: Path, weights: str = "auto") -> Source:
         raise UserError(f"{path} has no {' or '.join(missing)} inside: export needs a checkpoint written by "
                         "`transfer train`.")
     state, chosen = choose_weights(checkpoint, weights, path)
+    if checkpoint.get("task", "classification") != "classification":
+        from transfer.dense.train import backbone_as_classifier
+
+        model, untrained = backbone_as_classifier(checkpoint, state)
+        return Source(path, checkpoint, model, chosen, checkpoint["task"], tuple(untrained))
     model = model_from_checkpoint({**checkpoint, "model": state})
     return Source(path, checkpoint, model, chosen)
+
+
+def check_dense_formats(source: Source, formats: tuple[str, ...]) -> None:
+    """A segmentation or detection checkpoint exports its fine-tuned backbone: format=backbone, or timm (headless)
+    when the backbone covers the whole classifier body."""
+    if source.task == "classification":
+        return
+    other = [fmt for fmt in formats if fmt not in ("backbone", "timm")]
+    if other:
+        raise UserError(f"{source.path} is a {source.task} checkpoint: export its backbone with format=backbone "
+                        f"(format={other[0]} exports classifiers).")
+    if "timm" in formats and source.untrained:
+        raise UserError(f"{source.path} is a {source.task} checkpoint whose backbone stops before "
+                        f"{len(source.untrained)} tensors of {source.name}'s classifier body (e.g. "
+                        f"{source.untrained[0]}), which were never trained: export format=backbone.")
 
 
 def choose_weights(checkpoint: dict, choice: str, path: Path | str = "the checkpoint") -> tuple[dict, str]:
@@ -289,7 +312,8 @@ def export(source: Source, fmt: str, out: Path, overwrite: bool = False, command
 
 def write_timm_folder(source: Source, folder: Path) -> Check:
     """timm's own hub layout, so `local-dir:`, `hf-hub:` and timm's tooling all read it."""
-    timm.models.save_for_hf(source.model, str(folder), model_config={"label_names": source.classes},
+    labels = source.classes if source.task == "classification" else []  # a dense model's backbone has no labels
+    timm.models.save_for_hf(source.model, str(folder), model_config={"label_names": labels},
                             safe_serialization=True, data_config=timm_data_config(source.preprocess))
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     batch = sample_batch(source.preprocess, 2)
@@ -310,8 +334,9 @@ def write_backbone(source: Source, folder: Path) -> Check:
 
     body = copy.deepcopy(source.model)
     body.reset_classifier(0)
-    save_file({k: v.contiguous() for k, v in body.state_dict().items()}, str(folder / BACKBONE_FILE),
-              metadata={"format": "pt"})
+    untrained = set(source.untrained)  # layers past a dense model's last feature level
+    save_file({k: v.contiguous() for k, v in body.state_dict().items() if k not in untrained},
+              str(folder / BACKBONE_FILE), metadata={"format": "pt"})
     features = load_features(source.name, folder / BACKBONE_FILE)
     info = feature_info(features, source)
     (folder / "feature_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -554,7 +579,8 @@ def summary(source: Source, fmt: str) -> str:
             "onnx": "an ONNX model (dynamic batch, opset 17)", "torchscript": "a TorchScript program"}[fmt]
     return (f"`{source.name}` ({source.checkpoint.get('weights_source', 'unknown start')}), fine-tuned "
             f"(`{strategy}`) with transfer into a {len(source.classes)}-class image "
-            f"classifier; this folder holds its {weights} as {what}.\n")
+            f"{'classifier' if source.task == 'classification' else source.task + ' model'}; this folder holds its "
+            f"{weights} as {what}.\n")
 
 
 def data_section(source: Source, run: RunFacts) -> str:

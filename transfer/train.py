@@ -89,6 +89,10 @@ def build_pipeline(cfg: DictConfig) -> Pipeline:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Fine-tune as configured, write the run directory, return the final metrics."""
+    if cfg.get("task", {}).get("name", "classification") != "classification":  # segmentation, detection
+        from transfer.dense.train import train_dense
+
+        return train_dense(cfg, run_dir)
     built = build_pipeline(cfg)
     device, amp_dtype, data, model = built.device, built.amp_dtype, built.data, built.model
     weights_source, preprocess, plan = built.weights_source, built.preprocess, built.plan

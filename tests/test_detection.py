@@ -1,0 +1,238 @@
+"""Detection: pycocotools scores hand-made cases as expected, bad COCO files are clipped, skipped or refused
+with the fix, and `transfer train task=detection` / `transfer predict` run end to end on a tiny folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfer.dense.coco import BoxDataset, clip_box, collate_boxes, read_coco, read_splits
+from transfer.dense.augment import build_dense_transform
+from transfer.dense.detection import coco_metrics
+from transfer.errors import UserError
+
+COLOURS = ((255, 60, 60), (60, 255, 60))  # class 1 red, class 2 green
+
+
+def _truth(boxes, labels) -> dict:
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels)}
+
+
+def _pred(boxes, labels, scores) -> dict:
+    return {**_truth(boxes, labels), "scores": torch.tensor(scores, dtype=torch.float32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_perfect_prediction_scores_one() -> None:
+    truths = [_truth([[0, 0, 10, 10], [20, 20, 40, 30]], [1, 2]), _truth([[5, 5, 25, 45]], [1])]
+    preds = [_pred([[0, 0, 10, 10], [20, 20, 40, 30]], [1, 2], [0.9, 0.8]), _pred([[5, 5, 25, 45]], [1], [0.7])]
+    metrics = coco_metrics(truths, preds, num_classes=2)
+    assert metrics["map"] == pytest.approx(1.0) and metrics["map50"] == pytest.approx(1.0)
+
+
+def test_partial_overlap_gives_the_known_ap() -> None:
+    """One box at IoU 0.62 with its ground truth: a hit at the thresholds .50, .55, .60 and a miss at the seven
+    from .65 to .95, so AP@.5 = 1, AP@.75 = 0 and AP@[.5:.95] = 3/10."""
+    truths = [_truth([[0, 0, 10, 10]], [1])]
+    preds = [_pred([[0, 0, 10, 6.2]], [1], [0.9])]
+    metrics = coco_metrics(truths, preds, num_classes=1)
+    assert metrics["map50"] == pytest.approx(1.0)
+    assert metrics["map75"] == pytest.approx(0.0)
+    assert metrics["map"] == pytest.approx(0.3)
+
+
+def test_missed_object_and_wrong_class() -> None:
+    """Half the objects found with precision 1: COCO's 101-point interpolated AP is 51/101; a box with the
+    wrong class finds nothing."""
+    truths = [_truth([[0, 0, 10, 10], [30, 30, 50, 50]], [1, 1])]
+    found_one = coco_metrics(truths, [_pred([[0, 0, 10, 10]], [1], [0.9])], num_classes=2)
+    assert found_one["map50"] == pytest.approx(51 / 101)
+    wrong = coco_metrics(truths, [_pred([[0, 0, 10, 10], [30, 30, 50, 50]], [2, 2], [0.9, 0.8])], num_classes=2)
+    assert wrong["map50"] == 0.0
+    assert coco_metrics(truths, [_pred([], [], [])], num_classes=2)["map"] == 0.0  # no detections at all
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny COCO folder
+
+
+def write_scene(path: Path, objects: list[tuple[int, list[int]]], side: int = 64, seed: int = 0) -> None:
+    """A dark noisy image with one filled rectangle per object (class colour) at COCO box [x, y, w, h]."""
+    pixels = np.random.default_rng(seed).integers(0, 40, (side, side, 3), dtype=np.uint8)
+    for label, (x, y, w, h) in objects:
+        pixels[y:y + h, x:x + w] = COLOURS[label - 1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def write_coco_split(folder: Path, count: int, seed: int = 0, side: int = 64) -> dict:
+    rng = np.random.default_rng(seed)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}
+    for n in range(count):
+        objects = []
+        for _ in range(int(rng.integers(1, 3))):
+            w, h = (int(v) for v in rng.integers(10, 24, size=2))
+            x, y = int(rng.integers(0, side - w)), int(rng.integers(0, side - h))
+            objects.append((int(rng.integers(1, 3)), [x, y, w, h]))
+        write_scene(folder / "images" / f"{n:03d}.png", objects, side, seed * 1000 + n)
+        coco["images"].append({"id": n + 1, "file_name": f"{n:03d}.png", "width": side, "height": side})
+        for label, box in objects:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": n + 1, "category_id": label,
+                                        "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    (folder / "annotations.json").write_text(json.dumps(coco))
+    return coco
+
+
+@pytest.fixture
+def coco_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "scenes"
+    write_coco_split(root / "train", 16, seed=0)
+    write_coco_split(root / "test", 6, seed=1)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# bad annotations
+
+
+def _edit(folder: Path, change) -> Path:
+    path = folder / "annotations.json"
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_bad_boxes_and_missing_files_are_clipped_or_skipped_and_listed(coco_folder: Path) -> None:
+    def damage(coco: dict) -> None:
+        anns = coco["annotations"]
+        anns[0]["bbox"] = [50, 50, 30, 30]          # sticks out of the 64x64 image: clipped to 14x14
+        anns[1]["bbox"] = [10, 10, 0, 5]            # zero area: skipped
+        anns[2]["bbox"] = [100, 100, 10, 10]        # entirely outside: skipped
+        coco["images"].append({"id": 99, "file_name": "gone.png", "width": 64, "height": 64})
+        anns.append({"id": 999, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0})
+
+    path = _edit(coco_folder / "train", damage)
+    before = json.loads(path.read_text())
+    categories, records, skipped = read_coco(path)
+    assert categories.names == ["red", "green"] and len(records) == 16
+    reasons = [reason for _, reason in skipped]
+    assert any("clipped" in r for r in reasons) and any("zero-area" in r for r in reasons)
+    assert any("outside the image" in r and "skipped" in r for r in reasons)
+    assert any(p.endswith("gone.png") and r.startswith("listed in") for p, r in skipped)
+    boxes = np.concatenate([r.boxes for r in records])
+    assert len(boxes) == len(before["annotations"]) - 1 - 2  # the missing image's box and the two skipped
+    assert (boxes[:, 0] + boxes[:, 2] <= 64).all() and (boxes[:, 1] + boxes[:, 3] <= 64).all()
+    assert clip_box([50, 50, 30, 30], 64, 64)[0] == [50.0, 50.0, 14.0, 14.0]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c["categories"][1].pop("name"), ["category id 2 has no name", "annotations.json"]),
+    (lambda c: c["categories"][1].update(name=""), ["category id 2 has no name"]),
+    (lambda c: c["annotations"][0].update(category_id=7), ["category_id 7", "not in 'categories'"]),
+    (lambda c: c["images"][0].update(file_name="../../outside.png"), ["outside its folder", "allow_outside_root"]),
+])
+def test_unfixable_annotations_raise_a_user_error(coco_folder: Path, change, words: list[str]) -> None:
+    path = _edit(coco_folder / "train", change)
+    with pytest.raises(UserError) as error:
+        read_coco(path)
+    assert all(word in str(error.value) for word in words), str(error.value)
+
+
+def test_splits_from_folders_and_from_one_pooled_file(coco_folder: Path, tmp_path: Path) -> None:
+    _, splits, _ = read_splits(coco_folder, val_fraction=0.25, test_fraction=0.2, split_seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 12, "val": 4, "test": 6}
+    pooled = tmp_path / "pooled"
+    write_coco_split(pooled, 20)
+    _, splits, _ = read_splits(pooled, val_fraction=0.1, test_fraction=0.2, split_seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 14, "val": 2, "test": 4}
+    again = read_splits(pooled, val_fraction=0.1, test_fraction=0.2, split_seed=0)[1]
+    assert [r.source for r in again["test"]] == [r.source for r in splits["test"]]
+    for root in (None, tmp_path / "empty"):
+        with pytest.raises(UserError, match="annotations.json"):
+            read_splits(root, 0.1, 0.2, 0)
+
+
+def test_dataset_yields_xyxy_boxes_and_collates(coco_folder: Path) -> None:
+    _, records, _ = read_coco(coco_folder / "train" / "annotations.json")
+    preprocess = {"input_size": [3, 32, 32], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    dataset = BoxDataset(records, build_dense_transform(None, preprocess, boxes=True))
+    sample = dataset[0]
+    x, y, w, h = records[0].boxes[0] / 2  # 64 → 32 px
+    assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.uint8
+    assert sample["boxes"][0].tolist() == pytest.approx([x, y, x + w, y + h], abs=1e-4)
+    assert sample["labels"].tolist() == records[0].labels.tolist()
+    Path(records[1].source).write_bytes(b"not a png")
+    batch = collate_boxes([dataset[i] for i in range(3)])
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].max() <= 1.0
+    assert len(batch["targets"]) == 2 and batch["skipped"][0][0] == records[1].source
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_train_and_predict_from_the_cli(coco_folder: Path, run_cli, tmp_path: Path) -> None:
+    images = coco_folder / "train" / "images"
+    Path(images / "003.png").write_bytes(b"broken")  # an unreadable file is skipped and listed, not a crash
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "recipe=fashion_scenes_det_lite0", f"data.root={coco_folder}",
+                              "model.name=test_efficientnet",
+                              "model.pretrained=false", "preprocess.input_size=64", "trainer.epochs=2",
+                              "data.batch_size=4", "data.val_fraction=0.25", "task.overlays=2", "trainer.progress=off",
+                              f"hydra.run.dir={run}"])
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/map", "val/map50", "test/map", "test/map50"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("val/map", "test/map50"))
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    with open(run / "skipped_images.csv", newline="") as handle:
+        assert any(row["path"].endswith("003.png") for row in csv.DictReader(handle))
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["task"] == "detection" and checkpoint["classes"] == ["red", "green"]
+    assert any(k.startswith("backbone.") for k in checkpoint["model"])
+
+    out_dir = tmp_path / "pred"
+    code, out, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={coco_folder / 'test' / 'images'}",
+                              f"out={out_dir}", "batch_size=4"])
+    assert code == 0, err
+    written = json.loads((out_dir / "boxes.json").read_text())
+    assert [i["file_name"] for i in written["images"]] == [f"{n:03d}" for n in range(6)]
+    assert [c["name"] for c in written["categories"]] == ["red", "green"]
+    for entry in written["annotations"]:
+        x, y, w, h = entry["bbox"]
+        assert entry["category_id"] in (1, 2) and 0 <= x and x + w <= 64.01 and 0 <= entry["score"] <= 1
+
+
+def test_fine_tune_strategies_and_layer_decay_apply_to_the_detector() -> None:
+    """linear_probe freezes exactly the timm backbone (BatchNorm statistics included) and trains FCOS; layer
+    decay gives the backbone's early layers smaller learning rates than the detection head."""
+    from transfer.dense.backbone import build_backbone
+    from transfer.dense.detection import build_detector
+    from transfer.models.finetune import apply_strategy
+    from transfer.optim import build_optimizer
+
+    backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[2, 3, 4])
+    model = build_detector(backbone, "test_efficientnet", 2, (64, 64), [0.5] * 3, [0.5] * 3)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "head"}
+    plan = apply_strategy(model, "linear_probe", epochs=2)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not model.backbone.training and model.head.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    sum(model(torch.rand(2, 3, 64, 64), targets).values()).backward()
+    assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())  # BN stats unchanged
+    plan = apply_strategy(model, "full", epochs=2)
+    optimizer = build_optimizer(model, plan, {"opt": "adamw", "lr": 1e-3, "layer_decay": 0.5})
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    assert min(scales) < max(scales) == 1.0

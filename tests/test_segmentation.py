@@ -1,0 +1,194 @@
+"""Segmentation: metrics on hand-made cases, the image/mask reader and its bad masks, the decoder under the
+fine-tune strategies, and a tiny run of `transfer train task=segmentation` → predict → export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfer.dense.segmentation import batch_confusion, index_pairs, load_all, segmentation_metrics
+from transfer.errors import UserError
+
+CLASSES = ["background", "square", "disc"]
+MODEL = ["model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32"]
+
+
+def metrics_of(truth: list, predicted: list, classes=CLASSES) -> dict[str, float]:
+    truth_t, predicted_t = torch.tensor([truth]), torch.tensor([predicted])
+    return segmentation_metrics(batch_confusion(truth_t, predicted_t, len(classes), 255), classes)
+
+
+def test_perfect_prediction_scores_one():
+    mask = [[0, 1, 1, 2], [0, 0, 2, 2]]
+    metrics = metrics_of(mask, mask)
+    assert metrics["miou"] == 1.0 and metrics["pixel_accuracy"] == 1.0
+    assert all(metrics[f"iou/{name}"] == 1.0 for name in CLASSES)
+
+
+def test_partial_overlap_gives_the_known_iou():
+    # square: truth at columns 1-2, predicted at 2-3 → 1 shared pixel of 3; background: 1 of 3
+    metrics = metrics_of([0, 1, 1, 0], [0, 0, 1, 1])
+    assert metrics["iou/square"] == pytest.approx(1 / 3)
+    assert metrics["iou/background"] == pytest.approx(1 / 3)
+    assert "iou/disc" not in metrics  # neither labelled nor predicted: no IoU, not in the mean
+    assert metrics["miou"] == pytest.approx(1 / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(0.5)
+
+
+def test_ignored_pixels_count_nowhere():
+    with_ignored = metrics_of([0, 1, 1, 0, 255, 255], [0, 0, 1, 1, 2, 1])
+    assert with_ignored == metrics_of([0, 1, 1, 0], [0, 0, 1, 1])
+
+
+def test_a_class_predicted_but_absent_scores_zero():
+    metrics = metrics_of([0, 0, 1, 1], [0, 2, 1, 1])
+    assert metrics["iou/disc"] == 0.0
+    assert metrics["miou"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def write_scene(root: Path, name: str, seed: int, side: int = 32, mask_values=None) -> None:
+    """An image with a red square (class 1) and a blue disc (class 2), and its mask."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 50, (side, side, 3), dtype=np.uint8)
+    mask = np.zeros((side, side), np.uint8)
+    x, y = rng.integers(1, side // 2, 2)
+    image[y:y + side // 3, x:x + side // 3, 0] = 220
+    mask[y:y + side // 3, x:x + side // 3] = 1
+    yy, xx = np.mgrid[:side, :side]
+    disc = (yy - side * 0.7) ** 2 + (xx - rng.integers(side // 4, 3 * side // 4)) ** 2 < (side / 6) ** 2
+    image[disc, 2] = 220
+    mask[disc] = 2
+    if mask_values is not None:
+        mask[:2, :2] = mask_values
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "images" / f"{name}.png")
+    Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+
+
+@pytest.fixture
+def scenes(tmp_path: Path) -> Path:
+    """tmp_path/scenes: classes.txt and eight image/mask pairs, one pooled folder."""
+    root = tmp_path / "scenes"
+    for n in range(8):
+        write_scene(root, f"s{n}", seed=n)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
+def test_reader_splits_a_pooled_folder(scenes: Path):
+    classes, splits = index_pairs(str(scenes), 0.25, 0.25, 0)
+    assert classes == CLASSES
+    counts = splits.counts()
+    assert counts == {"train": 4, "val": 2, "test": 2}
+    assert index_pairs(str(scenes), 0.25, 0.25, 0)[1].splits["val"] == splits.splits["val"]  # seeded
+
+
+def test_missing_classes_file_is_a_user_error(scenes: Path):
+    (scenes / "classes.txt").unlink()
+    with pytest.raises(UserError, match="classes.txt is missing"):
+        index_pairs(str(scenes), 0.25, 0.25, 0)
+
+
+def test_bad_pairs_are_skipped_with_their_reason(scenes: Path):
+    write_scene(scenes, "out_of_range", seed=20, mask_values=7)
+    write_scene(scenes, "ignored_ok", seed=21, mask_values=255)
+    write_scene(scenes, "no_mask", seed=22)
+    (scenes / "masks" / "no_mask.png").unlink()
+    write_scene(scenes, "small_mask", seed=23)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(scenes / "masks" / "small_mask.png")
+    classes, splits = index_pairs(str(scenes), 0.0, 0.0, 0)
+    assert any("no_mask.png" in path and "no mask" in reason for path, reason in splits.skipped)
+    _, skipped = load_all(splits.splits["train"], len(classes), 255, strict=False)
+    reasons = {Path(path).name: reason for path, reason in skipped}
+    assert set(reasons) == {"out_of_range.png", "small_mask.png"}
+    assert "out of range (7" in reasons["out_of_range.png"]
+    assert "differs" in reasons["small_mask.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# model and strategies
+
+
+def test_linear_probe_trains_the_decoder_only_and_layer_decay_orders_the_backbone():
+    from transfer.dense.backbone import build_backbone
+    from transfer.dense.segmentation import SegmentationModel
+    from transfer.models.finetune import apply_strategy
+    from transfer.optim import build_optimizer
+
+    backbone, source = build_backbone("test_efficientnet", pretrained=False, out_indices=[1, 2, 3, 4])
+    model = SegmentationModel(backbone, num_classes=3, decoder_channels=16)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+    plan = apply_strategy(model, {"strategy": "linear_probe", "bn": "train"}, epochs=2)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith("head.") for name in trained)
+    assert not model.backbone.training and model.head.training  # frozen BatchNorm statistics too
+    optimizer = build_optimizer(model, plan, {"opt": "adamw", "lr": 1e-3, "layer_decay": 0.5})
+    scales = {group["lr_scale"] for group in optimizer.param_groups}
+    assert max(scales) == 1.0 and min(scales) < 0.1  # stem far below the decoder
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, end to end
+
+
+def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
+    write_scene(scenes, "bad", seed=30, mask_values=9)
+    run = tmp_path / "run"
+    # the benchmark recipe, on this folder and a tiny model: every dense recipe runs somewhere in the tests
+    code, out, _ = run_cli(["train", "recipe=fashion_scenes_seg_lite0", f"data.root={scenes}", *MODEL, "trainer.epochs=2",
+                            "data.batch_size=4", "data.val_fraction=0.25", "data.test_fraction=0.2",
+                            "task.overlays=2", "task.decoder_channels=16", f"hydra.run.dir={run}"])
+    assert code == 0
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "run_info.json", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/miou"] <= 1.0 and 0.0 <= metrics["test/pixel_accuracy"] <= 1.0
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and "val/miou" in rows[0]
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    with open(run / "skipped_images.csv") as handle:
+        skipped = list(csv.DictReader(handle))
+    assert [Path(row["path"]).name for row in skipped] == ["bad.png"] and "out of range" in skipped[0]["reason"]
+    assert "skipped 1" in out
+
+    # predict: one mask PNG per input, the input's size, values among the classes
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(inputs / "wide.png")
+    (inputs / "broken.png").write_bytes(b"not an image")
+    code, out, _ = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={inputs}",
+                            f"out={tmp_path / 'masks'}"])
+    assert code == 0
+    mask = np.array(Image.open(tmp_path / "masks" / "wide.png"))
+    assert mask.shape == (40, 56) and mask.dtype == np.uint8 and mask.max() < len(CLASSES)
+    assert (tmp_path / "masks" / "classes.txt").read_text().split() == CLASSES
+    assert "skipped 1" in out
+
+    # export: the fine-tuned backbone, loadable by timm's features_only path
+    from safetensors.torch import load_file
+
+    from transfer.checkpoint import load_checkpoint
+
+    code, _, _ = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={tmp_path / 'bb'}"])
+    assert code == 0
+    exported = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
+    trained = {k.removeprefix("backbone."): v for k, v in load_checkpoint(run / "best.pt")["model"].items()
+               if k.startswith("backbone.")}
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=onnx", f"out={tmp_path / 'x'}"])
+    assert code == 2 and "format=backbone" in err
+    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}"])
+    assert code == 2 and "metrics.json" in err
