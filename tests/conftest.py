@@ -27,6 +27,14 @@ def write_png(path: Path, class_index: int, seed: int, side: int = 16) -> Path:
     return path
 
 
+def write_class_folder(root: Path, per_class: int = 12) -> Path:
+    """root/<class>/<n>.png for the three CLASSES; the same pixels wherever it is written."""
+    for index, name in enumerate(CLASSES):
+        for n in range(per_class):
+            write_png(root / name / f"{n}.png", index, seed=index * 100 + n)
+    return root
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
     """data.cache=disk and linear-probe features go to a temporary folder, not the user's ~/.cache/transfer."""
@@ -41,11 +49,7 @@ def tiny_image_folder(tmp_path: Path) -> Path:
 
     Twelve is the fewest that leaves every class in the default stratified val and test splits.
     """
-    root = tmp_path / "images"
-    for index, name in enumerate(CLASSES):
-        for n in range(12):
-            write_png(root / name / f"{n}.png", index, seed=index * 100 + n)
-    return root
+    return write_class_folder(tmp_path / "images")
 
 
 @pytest.fixture

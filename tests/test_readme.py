@@ -28,3 +28,44 @@ def test_readme_mentions_every_recipe_and_augment_preset():
         assert f"`{recipe.stem}`" in readme
     for preset in (REPO / "conf" / "augment").glob("*.yaml"):
         assert preset.stem in readme
+
+
+def config_keys() -> set[str]:
+    """Every dotted key a user can override: the root config and every option of every group."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from transfer.config import config_dir, group_options, groups
+
+    def leaves(node, prefix: str) -> set[str]:
+        found = set()
+        for key, value in node.items():
+            if key in ("defaults", "hydra"):
+                continue
+            name = f"{prefix}{key}"
+            found |= leaves(value, name + ".") if isinstance(value, DictConfig) else {name}
+        return found
+
+    keys = leaves(OmegaConf.load(config_dir() / "train.yaml"), "")
+    for group in groups():
+        if group != "recipe":
+            for option in group_options(group):
+                keys |= leaves(OmegaConf.load(config_dir() / group / f"{option}.yaml"), f"{group}.")
+    return keys
+
+
+def cheat_sheet() -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme.split("## Override cheat-sheet", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_config_key_is_in_the_override_cheat_sheet():
+    """A key written in full (`optim.lr`) or as a continuation (`.mean` after `preprocess.input_size`)."""
+    sheet = cheat_sheet()
+    missing = []
+    for key in sorted(config_keys()):
+        prefix, _, last = key.rpartition(".")
+        written = f"`{key}`" in sheet or f"`{key}=" in sheet or (prefix and f"`.{last}`" in sheet
+                                                                    and f"`{prefix}." in sheet)
+        if not written:
+            missing.append(key)
+    assert not missing, f"keys missing from the README's override cheat-sheet: {missing}"

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CLASSES, RunCli, write_png
+from conftest import CLASSES, RunCli, write_class_folder, write_png
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import command_help, main
 from transfer.errors import UserError
@@ -63,10 +63,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images(runs: Path) -> Path:
     """3 classes × 12 images, split here into train/val/test."""
-    for index, name in enumerate(CLASSES):
-        for n in range(12):
-            write_png(runs / "images" / name / f"{n}.png", index, seed=index * 100 + n)
-    return runs / "images"
+    return write_class_folder(runs / "images")
 
 
 @pytest.fixture(scope="module")
