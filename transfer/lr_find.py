@@ -6,7 +6,8 @@ parameters that optim.lr drives (the plan's last epoch: everything, or the head 
 loss is smoothed with an exponential moving average (`lr_find.smooth`, bias-corrected) and the sweep ends
 early once it exceeds `lr_find.diverge` times its minimum. The suggestion (`lr_find.method`):
   steepest  where the smoothed loss falls fastest against log(lr), before its minimum (the default: on the
-            Fashion-MNIST benchmark it lands within 1.3x of the best lr of a sweep, see the issue notes)
+            Fashion-MNIST benchmark it picks 2.9e-3, where a sweep of real runs peaks at 1e-3-4e-3;
+            `python -m bench.lr_sweep`)
   valley    fastai's default: the middle of the longest stretch where the smoothed loss keeps falling (with a
             long flat start it picks too low here)
   minimum   a tenth of the lr at the smoothed loss's minimum
