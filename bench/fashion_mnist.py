@@ -29,6 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,18 @@ def _is_complete(out: Path, params: dict) -> bool:
     return True
 
 
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `out` to build in; removed afterwards whatever happened (nothing is
+    left to remove once replace_dir has renamed it into place)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def replace_dir(tmp: Path, out: Path, builder: str = BUILDER) -> None:
     """Swap a finished build into place; an old build of the same builder is removed only after the swap,
     and a folder some other hand made is never removed."""
@@ -223,9 +237,7 @@ def build_fashion_folder(out: Path, train_per_class: int = 100, test_per_class: 
     if _is_complete(out, params):
         return out
     root = find_fashion_mnist()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
-    try:
+    with building(out) as tmp:
         counts = {}
         for split, per_class, seed in (("train", train_per_class, train_seed), ("test", test_per_class, test_seed)):
             images, labels = _load_split(root, split)
@@ -237,8 +249,6 @@ def build_fashion_folder(out: Path, train_per_class: int = 100, test_per_class: 
         except OSError:
             if not _is_complete(out, params):  # a concurrent build of the same folder may have won
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return out
 
 

@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.fashion_mnist import FASHION_CLASSES, _load_split, _read_manifest, find_fashion_mnist, replace_dir
+from bench.fashion_mnist import FASHION_CLASSES, _load_split, _read_manifest, building, find_fashion_mnist, replace_dir
 
 BUILDER = "bench.fashion_scenes"
 FORMAT_VERSION = 1
@@ -177,9 +175,7 @@ def build_scenes(out: Path, train: int = 1000, test: int = 300, train_seed: int 
     if _is_complete(out, params):
         return out
     root = find_fashion_mnist()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
-    try:
+    with building(out) as tmp:
         (tmp / "classes.txt").write_text("\n".join(("background", *FASHION_CLASSES)) + "\n")
         counts = {}
         for split, count, seed in (("train", train, train_seed), ("test", test, test_seed)):
@@ -188,8 +184,6 @@ def build_scenes(out: Path, train: int = 1000, test: int = 300, train_seed: int 
         manifest = {"builder": BUILDER, "params": params, "counts": counts}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, out, BUILDER)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
