@@ -127,6 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         remove_temporaries(run_dir)  # left by a run killed while saving; we hold the run directory's lock
 
     loop = Loop(model, optimizer, scheduler, criterion, normalize, amp_dtype, cfg, device, skipped, kit)
+    best_val = None  # (logits, labels) of the val split under the best weights of this process, if known
     try:
         with StopSignal() as stop:
             for epoch in range(state["epoch"], cfg.trainer.epochs):
@@ -142,10 +143,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     save_progress(model, optimizer, scheduler, state, meta, run_dir, improved=False)
                     raise interrupted(stop, run_dir, epoch, state["step"], len(loaders["train"]), cfg.trainer.epochs)
                 check_finite(model, epoch + 1)  # before validation, whose metrics cannot take NaN logits
-                row = {"epoch": epoch + 1, **result}
+                row, val_outputs = {"epoch": epoch + 1, **result}, None
                 if "val" in loaders and ((epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == cfg.trainer.epochs):
                     logits, labels, _, bad = predict_logits(model, loaders["val"], normalize, amp_dtype)
                     skipped.add(bad)
+                    val_outputs = (logits, labels)
                     row.update(classification_metrics(logits, labels, len(data.classes), "val", cfg.trainer.top_k))
                     row.update(kit.evaluate_ema(loaders["val"], normalize, amp_dtype, len(data.classes),
                                                 cfg.trainer.top_k))  # val_ema/*: the EMA weights' metrics
@@ -154,6 +156,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 row["seconds"] += earlier
                 state["history"].append(row)
                 improved = _improved(kit.scored(row, cfg.trainer.monitor), state, cfg.trainer.monitor)  # EMA competes
+                if improved:  # the final report of val needs no second pass when these weights stay the best
+                    best_val = val_outputs if kit.ema is None else None
                 state["epoch"], state["step"], state["partial"] = epoch + 1, 0, None
                 if is_main():
                     write_epoch(run_dir, state["history"])
@@ -164,7 +168,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     raise interrupted(stop, run_dir, epoch + 1, 0, len(loaders["train"]), cfg.trainer.epochs)
                 if kit.early_stop(state, row, cfg.trainer.monitor):
                     break
-        return finish(model, loaders, normalize, amp_dtype, data.classes, state, run_dir, cfg, skipped)
+        return finish(model, loaders, normalize, amp_dtype, data.classes, state, run_dir, cfg, skipped, best_val)
     except NonFiniteError as error:
         raise UserError(f"{error}. The last good checkpoint is {last_good(run_dir, state.get('resumed_from'))}. "
                         "Lower optim.lr, set trainer.grad_clip or check the data; or let up to N such steps be "
@@ -301,18 +305,24 @@ def interrupted(stop: StopSignal, run_dir: Path, epoch: int, step: int, steps: i
     return Interrupted(f"interrupted {where}; last.pt written; resume with: {shlex.join(command)}", stop.exit_code)
 
 
-def finish(model, loaders, normalize, amp_dtype, classes, state, run_dir: Path, cfg, skipped=None) -> dict[str, float]:
-    """Evaluate the best checkpoint on every held-out split and write the reports."""
+def finish(model, loaders, normalize, amp_dtype, classes, state, run_dir: Path, cfg, skipped=None,
+           best_val: tuple | None = None) -> dict[str, float]:
+    """Evaluate the best checkpoint on every held-out split and write the reports. `best_val`: the val
+    split's (logits, labels) already computed with the best weights, reused unless test-time augmentation
+    asks for a different pass."""
     best_path = run_dir / "best.pt"
     if best_path.exists():
         model.load_state_dict(final_weights(load_checkpoint(best_path)))  # the EMA's when they were best
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
     for split in ("val", "test"):
         if split in loaders:
-            logits, labels, _, bad = predict_logits(with_tta(model, cfg.trainer.get("tta")), loaders[split], normalize,
-                                                    amp_dtype)
-            if skipped is not None:
-                skipped.add(bad)
+            tta = cfg.trainer.get("tta")
+            if split == "val" and best_val is not None and tta in (None, "none"):
+                logits, labels = best_val
+            else:
+                logits, labels, _, bad = predict_logits(with_tta(model, tta), loaders[split], normalize, amp_dtype)
+                if skipped is not None:
+                    skipped.add(bad)
             metrics.update(classification_metrics(logits, labels, len(classes), split, cfg.trainer.top_k))
             if is_main():
                 write_report(run_dir / "reports", split, logits, labels, classes)
