@@ -267,7 +267,7 @@ def line(args: argparse.Namespace, result: dict, load_before: str) -> str:
     parts = [f"throughput {cfg.model.name} {args.size}px batch {cfg.data.batch_size} augment={args.augment} "
              f"cache={cfg.data.cache} workers={result['workers']} device={result['device']} amp={amp} "
              f"channels_last={cfg.trainer.channels_last}{' compile' if args.compile else ''} "
-             f"threads={torch.get_num_threads()} omp_wait={os.environ.get('OMP_WAIT_POLICY', 'default')}",
+             f"threads={torch.get_num_threads()} omp_wait={os.environ.get('OMP_WAIT_POLICY', 'default')} gomp_spincount={os.environ.get('GOMP_SPINCOUNT', 'default')}",
              f"train: compute {compute:.0f} img/s, pipeline {pipeline:.0f} img/s, ratio {ratio:.2f}, "
              f"waiting for data {result['train']['wait_s'] / result['train']['pipeline_s']:.1%} of the epochs"]
     if "eval" in result:

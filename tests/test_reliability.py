@@ -604,7 +604,7 @@ def test_full_disk_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, m
 def test_full_disk_during_training_is_one_line_and_keeps_epoch_one(run_cli: RunCli, tmp_path: Path, data: str,
                                                                    monkeypatch) -> None:
     run = tmp_path / "run"
-    fill_disk_after(monkeypatch, good_saves=2)  # epoch 1 writes last.pt and best.pt
+    fill_disk_after(monkeypatch, good_saves=1)  # epoch 1 writes last.pt; best.pt is a hard link to it
     code, _, err = run_cli(["train", *FAST, data, "trainer.epochs=2", f"hydra.run.dir={run}"])
     one_line_error(code, err, f"cannot write checkpoint {run / 'last.pt'}: No space left on device",
                    "The previous last.pt is intact")
@@ -742,3 +742,18 @@ def test_a_real_sigint_to_a_training_process(tmp_path: Path, tiny_image_folder: 
     err = process.stderr.read()
     one_line_error(130, err, "interrupted", "last.pt written; resume with: transfer train --config", expected=130)
     assert load_checkpoint(run / "last.pt")["epoch"] >= 1
+
+
+def test_best_checkpoint_is_a_link_that_later_saves_leave_alone(tmp_path: Path) -> None:
+    """best.pt shares last.pt's bytes when they are the same epoch, and keeps them when last.pt moves on."""
+    from transfer.checkpoint import copy_checkpoint, save_checkpoint
+
+    first = {"epoch": 1, "model": {"w": torch.ones(3)}, "classes": ["a", "b"]}
+    second = {**first, "epoch": 2, "model": {"w": torch.zeros(3)}}
+    save_checkpoint(first, tmp_path / "last.pt")
+    copy_checkpoint(tmp_path / "last.pt", tmp_path / "best.pt", first)
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt")
+    save_checkpoint(second, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], torch.ones(3))
+    assert temporaries(tmp_path) == []

@@ -56,6 +56,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
                 os.unlink(temporary)
 
 
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Make `path` hold what `source` holds (just written from `state`): a hard link put in place by rename,
+    so best.pt costs no second write of the same bytes; where links are refused, `state` is saved again.
+    Safe because checkpoints are only ever replaced, never written in place."""
+    path = Path(path)
+    temporary = path.parent / f".{path.name}.link{TEMPORARY_SUFFIX}"
+    try:
+        temporary.unlink(missing_ok=True)
+        os.link(source, temporary)
+        os.replace(temporary, path)
+        _fsync_dir(path.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        save_checkpoint(state, path)
+
+
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete what an interrupted save_checkpoint left behind (`.<name>.*.tmp`); returns what went."""
     stale = sorted(Path(folder).glob(f".*.pt.*{TEMPORARY_SUFFIX}"))

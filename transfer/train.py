@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from transfer.checkpoint import (load_checkpoint, newest_checkpoint, remove_temporaries, restore_rng_state,
-                                 rng_state, save_checkpoint)
+from transfer.checkpoint import (copy_checkpoint, load_checkpoint, newest_checkpoint, remove_temporaries,
+                                 restore_rng_state, rng_state, save_checkpoint)
 from transfer.config import require, to_dict
 from transfer.data.dataset import raise_if_strict
 from transfer.data.loaders import Data, build_datasets, build_loader, index_data
@@ -366,7 +366,7 @@ def save_progress(model, optimizer, scheduler, state: dict, meta: dict, run_dir:
     checkpoint = _checkpoint(model, optimizer, scheduler, state, meta)
     save_checkpoint(checkpoint, run_dir / "last.pt")
     if improved:
-        save_checkpoint(checkpoint, run_dir / "best.pt")
+        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt", checkpoint)
 
 
 def check_finite(model, epoch: int) -> None:
