@@ -206,7 +206,7 @@ def test_bad_images_are_skipped_listed_with_reasons_and_counted_in_one_line(run_
         assert word in listed[name], (name, listed[name])
     warnings = [line for line in out.splitlines() if line.startswith("warning: skipped")]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"warning: skipped {len(expected)} unreadable image(s) (")
+    assert warnings[0].startswith(f"warning: skipped {len(expected)} image(s) or annotation(s) (")
     assert str(run / "skipped_images.csv") in warnings[0]
     history = rows(run / "metrics.csv")
     assert [row["epoch"] for row in history] == ["1", "2"]  # bad files ended no epoch

@@ -427,8 +427,9 @@ def write_run_info(run_dir: Path, data, meta: dict, total: int, trainable: int) 
 
 
 class SkippedFiles:
-    """Unreadable files of a run: each listed once, with its reason, in RUN/skipped_images.csv as soon as it
-    is found (indexing, cache, any epoch, any split), and counted in one warning line at the end."""
+    """What a run could not use (unreadable images, manifest rows, COCO boxes): each listed once, with its
+    reason, in RUN/skipped_images.csv as soon as it is found (indexing, cache, any epoch, any split), and
+    counted in one warning line at the end."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / "skipped_images.csv"
@@ -447,7 +448,7 @@ class SkippedFiles:
         if self.reasons:
             kinds = collections.Counter(map(_reason_kind, self.reasons.values()))
             summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
-            log(f"warning: skipped {len(self.reasons)} unreadable image(s) ({summary}); list in {self.path}")
+            log(f"warning: skipped {len(self.reasons)} image(s) or annotation(s) ({summary}); list in {self.path}")
 
 
 def _reason_kind(reason: str) -> str:
