@@ -236,3 +236,14 @@ def test_fine_tune_strategies_and_layer_decay_apply_to_the_detector() -> None:
     optimizer = build_optimizer(model, plan, {"opt": "adamw", "lr": 1e-3, "layer_decay": 0.5})
     scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
     assert min(scales) < max(scales) == 1.0
+
+
+def test_detection_trains_with_bf16_autocast(coco_folder: Path, run_cli, tmp_path: Path) -> None:
+    """FCOS's losses under autocast: the step runs and the metrics stay in range."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "task=detection", f"data.root={coco_folder}", "model.name=test_efficientnet",
+                            "model.pretrained=false", "preprocess.input_size=64", "trainer.epochs=1", "trainer.amp=bf16",
+                            "data.batch_size=4", "task.overlays=0", "trainer.progress=off", f"hydra.run.dir={run}"])
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/map50"] <= 1.0

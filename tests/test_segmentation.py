@@ -192,3 +192,30 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     assert code == 2 and "format=backbone" in err
     code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}"])
     assert code == 2 and "metrics.json" in err
+
+
+def test_trainer_amp_runs_the_training_forward_in_bf16_and_keeps_the_loss_in_float32():
+    from transfer.dense.backbone import build_backbone
+    from transfer.dense.segmentation import Segmentation, SegmentationModel
+    from transfer.dense.train import MixedPrecision
+
+    backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[1, 2])
+    model = SegmentationModel(backbone, len(CLASSES), decoder_channels=8)
+    task = Segmentation()
+    task.ignore_index = 255
+    batch = {"image": torch.rand(2, 3, 32, 32), "mask": torch.randint(0, len(CLASSES), (2, 32, 32))}
+    seen = []
+    model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    for dtype in (torch.bfloat16, None):
+        loss = MixedPrecision(dtype, torch.device("cpu")).loss(task, model, batch)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_segmentation_trains_with_bf16_autocast(scenes: Path, tmp_path: Path, run_cli):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "task=segmentation", f"data.root={scenes}", *MODEL, "trainer.epochs=1",
+                            "trainer.amp=bf16", "data.batch_size=4", "task.decoder_channels=8", "task.overlays=0",
+                            "trainer.progress=off", f"hydra.run.dir={run}"])
+    assert code == 0, err
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["val/miou"] <= 1.0

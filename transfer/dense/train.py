@@ -35,7 +35,7 @@ from transfer.dense import build_task
 from transfer.distributed import is_main
 from transfer.errors import UserError
 from transfer.evaluate import write_json
-from transfer.inference import pick_device
+from transfer.inference import autocast, pick_amp, pick_device
 from transfer.interrupt import Interrupted, StopSignal
 from transfer.models.backbone import count_parameters, resolve_preprocess, to_channels_last
 from transfer.models.finetune import STRATEGIES, apply_strategy, set_train_mode
@@ -50,6 +50,7 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     seed_everything(cfg.seed)
     task = build_task(cfg.task.name)
     device = pick_device(cfg.trainer.device)
+    precision = MixedPrecision(pick_amp(cfg.trainer.amp, device), device)
     refuse_classification_only(cfg)
     preprocess = dense_preprocess(cfg)
     datasets, classes, skipped_at_start = task.build_datasets(cfg, preprocess)
@@ -81,7 +82,8 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             for epoch in range(state["epoch"], cfg.trainer.epochs):
                 started = time.perf_counter()
                 seed_everything(cfg.seed * 1_000 + epoch)
-                row = train_epoch(task, model, plan, optimizer, scheduler, loaders["train"], epoch, skipped, stop, cfg)
+                row = train_epoch(task, model, plan, optimizer, scheduler, loaders["train"], epoch, skipped, stop, cfg,
+                                  precision)
                 if row is None:  # stopped between two steps: the epoch is dropped, last.pt is the one before
                     raise interrupted(stop, run_dir, f"in epoch {epoch + 1}/{cfg.trainer.epochs}; last.pt holds "
                                                      f"epoch {state['epoch']}")
@@ -140,9 +142,39 @@ def dense_loader(dataset, task, cfg: DictConfig, train: bool) -> DataLoader:
                       persistent_workers=workers > 0, worker_init_fn=_quiet_opencv if workers > 0 else None)
 
 
+class MixedPrecision:
+    """trainer.amp for the training step: the forward pass and loss under autocast (bf16, or fp16 with a
+    GradScaler on CUDA), as the classification loop does. Evaluation stays in float32: box coordinates and
+    scores would lose precision in bf16."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
+
+    def loss(self, task, model, batch: dict) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            return task.loss(model, batch).float()
+
+    def update(self, loss: torch.Tensor, model, optimizer, grad_clip: float | None) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
 def train_epoch(task, model, plan, optimizer, scheduler, loader: DataLoader, epoch: int, skipped: SkippedFiles,
-                stop: StopSignal, cfg: DictConfig) -> dict[str, float] | None:
+                stop: StopSignal, cfg: DictConfig, precision: MixedPrecision | None = None) -> dict[str, float] | None:
     """One epoch of updates, the schedule stepped per update; None when a stop was requested mid-epoch."""
+    precision = precision or MixedPrecision(None, next(model.parameters()).device)
     set_train_mode(model, plan, epoch)
     loader.sampler.set_epoch(epoch)
     steps, loss_sum, seen = len(loader), 0.0, 0
@@ -150,15 +182,11 @@ def train_epoch(task, model, plan, optimizer, scheduler, loader: DataLoader, epo
         raise_if_strict(batch)
         skipped.add(batch["skipped"])
         if len(batch["index"]):
-            loss = task.loss(model, batch)
+            loss = precision.loss(task, model, batch)
             if not torch.isfinite(loss):
                 raise UserError(f"the loss became {loss.item()} in epoch {epoch + 1} at step {step + 1}/{steps}. "
                                 "Lower optim.lr or set trainer.grad_clip.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.trainer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-            optimizer.step()
+            precision.update(loss, model, optimizer, cfg.trainer.grad_clip)
             loss_sum += loss.item() * len(batch["index"])
             seen += len(batch["index"])
         scheduler.step_update(num_updates=epoch * steps + step + 1)
