@@ -232,7 +232,9 @@ def command_help(command: str) -> str:
               "  transfer train finetune=linear_probe hydra.run.dir=runs/probe",
               "  transfer train finetune=freeze_then_unfreeze mixup=mixup ema.enabled=true optim.layer_decay=0.8 "
               "trainer.tta=flip",
-              "  transfer train optim.lr=auto          # run the LR finder first (transfer lr-find plots the sweep)"]
+              "  transfer train optim.lr=auto          # run the LR finder first (transfer lr-find plots the sweep)",
+              "  transfer train task=segmentation data.root=/my/scenes   # classes.txt + images/ + masks/",
+              "  transfer train task=detection data.root=/my/coco        # annotations.json + images/ (COCO)"]
     return "\n".join(lines)
 
 
