@@ -163,6 +163,16 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     assert [Path(row["path"]).name for row in skipped] == ["bad.png"] and "out of range" in skipped[0]["reason"]
     assert "skipped 1" in out
 
+    # eval: the run's test split scored again from best.pt gives the run's own figures, to the last digit
+    code, out, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={tmp_path / 'eval'}"])
+    assert code == 0, err
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again == {key: value for key, value in metrics.items() if key.startswith("test/")}
+    assert "eval test (segmentation): 1 image(s)" in out  # one of the 7 good pairs is the test split
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1
+    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", "split=train"])
+    assert code == 2 and "held-out splits: test, val" in err
+
     # predict: one mask PNG per input, the input's size, values among the classes
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -190,8 +200,8 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
     code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=onnx", f"out={tmp_path / 'x'}"])
     assert code == 2 and "format=backbone" in err
-    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}"])
-    assert code == 2 and "metrics.json" in err
+    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", "tta=flip"])
+    assert code == 2 and "tta= is for classifiers" in err
 
 
 def test_trainer_amp_runs_the_training_forward_in_bf16_and_keeps_the_loss_in_float32():
@@ -219,3 +229,22 @@ def test_segmentation_trains_with_bf16_autocast(scenes: Path, tmp_path: Path, ru
                             "trainer.progress=off", f"hydra.run.dir={run}"])
     assert code == 0, err
     assert 0.0 <= json.loads((run / "metrics.json").read_text())["val/miou"] <= 1.0
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_fix(scenes: Path, tmp_path: Path, run_cli, monkeypatch):
+    common = ["train", "task=segmentation", f"data.root={scenes}", *MODEL, "data.batch_size=4", "task.overlays=0",
+              "trainer.progress=off"]
+    code, _, err = run_cli([*common, "trainer.epochs=3", "optim=sgd", "optim.lr=1e30", "schedule.warmup_epochs=0",
+                            f"hydra.run.dir={tmp_path / 'loss'}"])  # the loss turns NaN
+    assert code == 2 and "Traceback" not in err and "Lower optim.lr" in err and len(err.strip().splitlines()) == 1
+
+    import transfer.dense.train
+    from transfer.train import NonFiniteError
+
+    def weights_turned_nan(model, epoch):
+        raise NonFiniteError(f"the weights became NaN or Inf in epoch {epoch} and were not saved")
+
+    monkeypatch.setattr(transfer.dense.train, "check_finite", weights_turned_nan)
+    code, _, err = run_cli([*common, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'weights'}"])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "weights became NaN" in err and "Lower optim.lr" in err

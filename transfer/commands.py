@@ -191,9 +191,12 @@ def eval_command(arguments: list[str]) -> int:
                    [f"{key}=" for key in EVAL_KEYS] + ["data.KEY= (the run's data config)"])
     path = run_checkpoint_file(checkpoint_argument(options))
     checkpoint = load_run_checkpoint(path)
-    if checkpoint.get("task", "classification") != "classification":
-        raise UserError(f"{path} is a {checkpoint['task']} checkpoint: transfer eval scores classifiers. Its val and "
-                        f"test metrics are in {path.parent / 'metrics.json'}; predict with transfer predict.")
+    if checkpoint.get("task", "classification") != "classification":  # segmentation, detection: their metrics
+        if options.get("tta"):
+            raise UserError(f"tta= is for classifiers; {path} is a {checkpoint['task']} checkpoint. Drop tta=.")
+        from transfer.dense.evaluate import eval_dense
+
+        return eval_dense(path, checkpoint, options, data_overrides)
     saved = checkpoint["config"]["data"]
     data_cfg = data_config(saved, data_overrides)
     data = eval_data(data_cfg, saved.get("root"), list(checkpoint["classes"]))

@@ -149,6 +149,9 @@ class Detection:
 
     name = "detection"
     monitor = "val/map50"
+    # FCOS computes its box losses inside the forward pass; under bf16 autocast its weights turned NaN within
+    # an epoch on the test folder, so detection trains in float32 whatever trainer.amp says (one log line)
+    mixed_precision = False
 
     def __init__(self) -> None:
         self.categories: Categories | None = None

@@ -40,8 +40,8 @@ from transfer.interrupt import Interrupted, StopSignal
 from transfer.models.backbone import count_parameters, resolve_preprocess, to_channels_last
 from transfer.models.finetune import STRATEGIES, apply_strategy, set_train_mode
 from transfer.optim import PhaseScheduler, build_optimizer
-from transfer.train import (SkippedFiles, _improved, check_finite, log, preprocess_overrides, save_progress,
-                            seed_everything, write_epoch)
+from transfer.train import (NonFiniteError, SkippedFiles, _improved, check_finite, log, preprocess_overrides,
+                            save_progress, seed_everything, write_epoch)
 
 
 def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -51,6 +51,9 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     task = build_task(cfg.task.name)
     device = pick_device(cfg.trainer.device)
     precision = MixedPrecision(pick_amp(cfg.trainer.amp, device), device)
+    if precision.dtype is not None and not getattr(task, "mixed_precision", True):
+        log(f"trainer.amp={cfg.trainer.amp}: {task.name} trains in float32 (its losses are not stable under autocast)")
+        precision = MixedPrecision(None, device)
     refuse_classification_only(cfg)
     preprocess = dense_preprocess(cfg)
     datasets, classes, skipped_at_start = task.build_datasets(cfg, preprocess)
@@ -104,6 +107,9 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 if stop.requested:
                     raise interrupted(stop, run_dir, f"after epoch {epoch + 1}/{cfg.trainer.epochs}; last.pt written")
         return finish(task, model, loaders, datasets, state, run_dir, cfg, skipped)
+    except NonFiniteError as error:
+        raise UserError(f"{error}. Lower optim.lr, set trainer.grad_clip or check the data; last.pt holds the last "
+                        f"good epoch ({state['epoch']}).") from None
     finally:
         skipped.report()
 
