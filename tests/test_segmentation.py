@@ -248,3 +248,16 @@ def test_a_diverging_run_stops_with_one_line_naming_the_fix(scenes: Path, tmp_pa
     code, _, err = run_cli([*common, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'weights'}"])
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "weights became NaN" in err and "Lower optim.lr" in err
+
+
+def test_task_monitor_picks_best_and_a_misspelling_names_the_choices(scenes: Path, tmp_path: Path, run_cli):
+    common = ["train", "task=segmentation", f"data.root={scenes}", *MODEL, "trainer.epochs=2", "data.batch_size=4",
+              "task.overlays=0", "trainer.progress=off"]
+    code, _, err = run_cli([*common, "task.monitor=val/loss", f"hydra.run.dir={tmp_path / 'loss'}"])
+    assert code == 0, err
+    with open(tmp_path / "loss" / "metrics.csv") as handle:
+        losses = [float(row["val/loss"]) for row in csv.DictReader(handle)]
+    best = json.loads((tmp_path / "loss" / "metrics.json").read_text())["best_epoch"]
+    assert best == 1 + losses.index(min(losses))  # the lowest loss, not the highest
+    code, _, err = run_cli([*common, "task.monitor=val/mIoU", f"hydra.run.dir={tmp_path / 'typo'}"])
+    assert code == 2 and "task.monitor=val/mIoU" in err and "val/miou" in err and "Traceback" not in err

@@ -3,7 +3,7 @@ parts: timm's optimizer and per-update schedules (transfer.optim), the fine-tune
 (transfer.models.finetune), atomic checkpoints, metrics.csv, skipped-file reports and the stop signal.
 
 A task object (dense/segmentation.py, dense/detection.py) brings what differs:
-    name, monitor                          e.g. "segmentation", "val/miou" (higher is better)
+    name, monitor                          e.g. "segmentation", "val/miou" (the default of task.monitor)
     build_datasets(cfg, preprocess)     -> ({split: Dataset}, classes, skipped [(path, reason)])
     collate(samples)                    -> batch dict: "image" (as the model takes it), targets, "skipped"
     build_model(cfg, num_classes)       -> (DenseModel with .backbone / .head, weights source)
@@ -55,6 +55,7 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         log(f"trainer.amp={cfg.trainer.amp}: {task.name} trains in float32 (its losses are not stable under autocast)")
         precision = MixedPrecision(None, device)
     refuse_classification_only(cfg)
+    monitor = cfg.task.get("monitor") or task.monitor  # task.monitor: any val/ metric; names with loss are minimised
     preprocess = dense_preprocess(cfg)
     datasets, classes, skipped_at_start = task.build_datasets(cfg, preprocess)
     model, weights_source = task.build_model(cfg, len(classes))
@@ -98,15 +99,15 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 row["seconds"] = time.perf_counter() - started
                 state["train_seconds"] += row["seconds"]
                 state["history"].append(row)
-                improved = _improved(row, state, task.monitor)
+                improved = _improved(row, state, monitored(row, monitor))
                 state["epoch"] = epoch + 1
                 if is_main():
                     write_epoch(run_dir, state["history"])
                 save_progress(model, optimizer, scheduler, state, meta, run_dir, improved)
-                log(summary(row, cfg.trainer.epochs, task.monitor, improved))
+                log(summary(row, cfg.trainer.epochs, monitor, improved))
                 if stop.requested:
                     raise interrupted(stop, run_dir, f"after epoch {epoch + 1}/{cfg.trainer.epochs}; last.pt written")
-        return finish(task, model, loaders, datasets, state, run_dir, cfg, skipped)
+        return finish(task, model, loaders, datasets, state, run_dir, cfg, skipped, monitor)
     except NonFiniteError as error:
         raise UserError(f"{error}. Lower optim.lr, set trainer.grad_clip or check the data; last.pt holds the last "
                         f"good epoch ({state['epoch']}).") from None
@@ -201,6 +202,16 @@ def train_epoch(task, model, plan, optimizer, scheduler, loader: DataLoader, epo
     return {"lr": optimizer.param_groups[0]["lr"], "train/loss": loss_sum / max(seen, 1)}
 
 
+def monitored(row: dict, monitor: str) -> str:
+    """`monitor`, once it is known to be one of the epoch's metrics (a misspelling stops the run at the first
+    validation, naming the choices); epochs without validation have no metric to compare."""
+    evaluated = [key for key in row if key.startswith("val/")]
+    if evaluated and monitor not in row:
+        raise UserError(f"task.monitor={monitor} is not a metric of this task. Choose one of: "
+                        f"{', '.join(evaluated)}.")
+    return monitor
+
+
 def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
     return {f"{split}/{key}": value for key, value in metrics.items()}
 
@@ -217,7 +228,7 @@ def interrupted(stop: StopSignal, run_dir: Path, where: str) -> Interrupted:
 
 
 def finish(task, model, loaders, datasets, state: dict, run_dir: Path, cfg: DictConfig,
-           skipped: SkippedFiles) -> dict[str, float]:
+           skipped: SkippedFiles, monitor: str) -> dict[str, float]:
     """Evaluate best.pt on every held-out split, draw the overlays, write metrics.json and the curves."""
     best = run_dir / "best.pt"
     if best.exists():
@@ -233,7 +244,7 @@ def finish(task, model, loaders, datasets, state: dict, run_dir: Path, cfg: Dict
         if count:
             task.write_overlays(model, datasets[shown_split], run_dir / "overlays", count)
         write_json(run_dir / "metrics.json", metrics)
-        plot_dense_curves(state["history"], task.monitor, run_dir / "curves.png")
+        plot_dense_curves(state["history"], monitor, run_dir / "curves.png")
     headline = {k: round(v, 4) for k, v in metrics.items() if k.split("/")[-1] in ("miou", "pixel_accuracy", "map",
                                                                                     "map50")}
     log(f"done in {state['train_seconds']:.1f}s of training; best epoch {metrics['best_epoch']}; {headline}; "
