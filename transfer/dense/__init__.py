@@ -5,6 +5,9 @@ backbone.py   a timm features_only backbone filled from any classification weigh
 augment.py    albumentations pipelines that move masks and boxes with the image
 train.py      the loop for dense tasks; the task object (segmentation.py, detection.py) brings data,
               model, loss, metrics, predictions and overlays
+coco.py       COCO files read and checked for detection, their splits, dataset and batching
+predict.py    `transfer predict` for dense checkpoints (mask PNGs, one boxes JSON)
+evaluate.py   `transfer eval` for dense checkpoints (the task's metrics on a held-out split)
 """
 
 TASKS = ("classification", "segmentation", "detection")
