@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,29 @@ def write_class_folder(root: Path, per_class: int = 12) -> Path:
         for n in range(per_class):
             write_png(root / name / f"{n}.png", index, seed=index * 100 + n)
     return root
+
+
+def rows(run: Path) -> list[dict[str, str]]:
+    """A run directory's metrics.csv, one dict per epoch."""
+    with open(run / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def final(run: Path) -> dict:
+    """A run directory's metrics.json."""
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder per test module for the runs it shares between its tests."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def images(runs: Path) -> Path:
+    """`tiny_image_folder` once per module: 3 classes × 12 images, split by the run."""
+    return write_class_folder(runs / "images")
 
 
 @pytest.fixture(autouse=True, scope="session")

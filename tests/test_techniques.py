@@ -5,7 +5,6 @@ augmentation. Unit checks on timm's tiny `test_efficientnet`, end-to-end runs th
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import CLASSES, RunCli, write_class_folder, write_png
+from conftest import CLASSES, RunCli, final, rows, write_png
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import command_help, main
 from transfer.errors import UserError
@@ -42,28 +41,8 @@ def train(run_dir: Path, *overrides: str) -> Path:
     return run_dir
 
 
-def rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def final(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
 def same_weights(a: dict, b: dict, atol: float = 0.0) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0) for k in a)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("techniques")
-
-
-@pytest.fixture(scope="module")
-def images(runs: Path) -> Path:
-    """3 classes × 12 images, split here into train/val/test."""
-    return write_class_folder(runs / "images")
 
 
 @pytest.fixture(scope="module")

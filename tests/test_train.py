@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import CLASSES, RunCli, write_class_folder
+from conftest import CLASSES, RunCli, final, rows
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import main
 from transfer.config import config_dir
@@ -50,15 +50,6 @@ def train(run_dir: Path | None, *overrides: str) -> Path | None:
     return run_dir
 
 
-def rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def final(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
 def without(mapping: dict, *keys: str) -> dict:
     return {key: value for key, value in mapping.items() if key not in keys}
 
@@ -70,17 +61,6 @@ def assert_same_results(run: Path, other: Path, ignored: tuple[str, ...] = ("sec
     weights, others = load_checkpoint(run / "last.pt")["model"], load_checkpoint(other / "last.pt")["model"]
     assert weights.keys() == others.keys()
     assert all(torch.equal(weights[key], others[key]) for key in weights)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def images(runs: Path) -> Path:
-    """The conftest `tiny_image_folder`, once for the module: 3 classes × 12 images, split here."""
-    return write_class_folder(runs / "images")
 
 
 @pytest.fixture(scope="module")
