@@ -107,42 +107,30 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
     import contextlib
     import io
 
-    from omegaconf import OmegaConf
-
-    from transfer.data.loaders import build_datasets, build_loader, index_data, resolve_workers
-    from transfer.inference import Normalizer, autocast, fold_batchnorm, pick_amp, pick_device, predict_logits
-    from transfer.models.backbone import build_model, resolve_preprocess, to_channels_last
-    from transfer.models.finetune import apply_strategy
+    from transfer.data.loaders import build_loader, resolve_workers
+    from transfer.inference import autocast, fold_batchnorm, predict_logits
     from transfer.techniques import Techniques
-    from transfer.train import Loop, preprocess_overrides, seed_everything
+    from transfer.train import Loop, build_pipeline
 
     cfg = build(args, extra)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.trainer.device)
-    amp_dtype = pick_amp(cfg.trainer.amp, device)
-    splits = index_data(cfg.data)
-    model, _ = build_model(num_classes=len(splits.classes), **cfg.model)
-    preprocess = resolve_preprocess(model, **preprocess_overrides(cfg))
     started = time.perf_counter()
     said = io.StringIO()
     with contextlib.redirect_stdout(said):  # the cache's one line goes into ours
-        data = build_datasets(splits, cfg.data, preprocess, OmegaConf.to_container(cfg.augment.train), cfg.seed)
-    data_seconds = time.perf_counter() - started
-    plan = apply_strategy(model, cfg.finetune, cfg.trainer.epochs)
-    model = to_channels_last(model, device, cfg.trainer.channels_last)
-    normalize = Normalizer(preprocess["mean"], preprocess["std"], device, cfg.trainer.channels_last)
+        built = build_pipeline(cfg)  # exactly what `transfer train` builds: data, model, strategy, loaders
+    setup_seconds = time.perf_counter() - started
+    device, amp_dtype, data, model = built.device, built.amp_dtype, built.data, built.model
+    preprocess, normalize = built.preprocess, built.normalize
     workers = resolve_workers(cfg.data.num_workers)
-    train_loader = build_loader(data.datasets["train"], cfg.data.batch_size, train=True,
-                                num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
-    train_loader = _instrumented(train_loader, args.max_steps)
-    kit = Techniques(cfg, model, plan, data, train_loader, normalize, amp_dtype, device, None, log=lambda _: None)
+    train_loader = _instrumented(built.loaders["train"], args.max_steps)
+    kit = Techniques(cfg, model, built.plan, data, train_loader, normalize, amp_dtype, device, None,
+                     log=lambda _: None)
     loop = Loop(model, kit.optimizer, kit.scheduler, kit.criterion, normalize, amp_dtype, cfg, device, kit=kit)
     steps = len(train_loader)
 
     side = preprocess["input_size"][1:]
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg.data.batch_size, 3, *side), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, len(splits.classes), (cfg.data.batch_size,), generator=generator)
+    labels = torch.randint(0, len(data.classes), (cfg.data.batch_size,), generator=generator)
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
 
@@ -179,13 +167,14 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
         train["pipeline_n"] += count
     train["wait_s"] = type(train_loader).wait
     cache = " ".join(line.strip() for line in said.getvalue().splitlines() if line.startswith("data.cache"))
-    result = {"cfg": cfg, "device": device, "amp": amp_dtype, "workers": workers, "data_seconds": data_seconds,
+    result = {"cfg": cfg, "device": device, "amp": amp_dtype, "workers": workers, "setup_seconds": setup_seconds,
               "train": train, "cache": cache}
 
-    held_out = "test" if "test" in data.datasets else "train"
+    held_out = "test" if "test" in built.loaders else "train"
     if not args.no_eval:
-        eval_loader = build_loader(data.datasets[held_out], cfg.data.eval_batch_size, train=False,
-                                   num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
+        eval_loader = built.loaders["test"] if held_out == "test" else build_loader(
+            data.datasets["train"], cfg.data.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
+            seed=cfg.seed, pin_memory=device.type == "cuda")
         eval_images = torch.randint(0, 256, (cfg.data.eval_batch_size, 3, *side), dtype=torch.uint8,
                                     generator=generator)
         size = len(data.datasets[held_out])
@@ -278,7 +267,7 @@ def line(args: argparse.Namespace, result: dict, load_before: str) -> str:
     if "gpu_mem" in result:
         memory += f", gpu {result['gpu_mem']:.0f} MB"
     parts.append(memory)
-    parts.append(f"data setup {result['data_seconds']:.1f}s{' (' + result['cache'] + ')' if result['cache'] else ''}")
+    parts.append(f"setup (data, model, loaders) {result['setup_seconds']:.1f}s{' (' + result['cache'] + ')' if result['cache'] else ''}")
     parts.append(f"load {load_before} -> {load()} | {machine()} | torch {torch.__version__} | {date.today()}")
     return " | ".join(parts)
 
