@@ -47,31 +47,47 @@ class ImageDataset(Dataset):
         try:
             image = self.image(index)
         except BadImageError as error:
-            if self.strict and get_worker_info() is None:
-                raise
-            # a worker cannot raise it (torch re-raises a RuntimeError with a traceback): the main
-            # process does, in raise_if_strict, when the batch arrives
-            return (None, str(error.path), error.reason, self.strict)
+            return bad_sample(error, self.strict)
         if self.transform is not None:
-            if self.seed is not None:  # one stream for all steps: set_random_seed gives each step its own copy
-                key = hash((self.seed, epoch, index)) & 0x7FFFFFFF
-                self.transform.set_random_state(np.random.default_rng(key), random.Random(key))
+            if self.seed is not None:
+                seed_augmentation(self.transform, self.seed, epoch, index)
             image = self.transform(image=image)["image"]
         if self.memo is not None:
             self.memo[index] = image
         return {"image": image, "label": self.records[index].label, "index": index}
 
 
+def seed_augmentation(transform, seed: int, epoch: int, index: int) -> None:
+    """Give an albumentations pipeline the random streams of (seed, epoch, index): the same sample gets the
+    same augmentation in any worker and on resume, another epoch another one. One stream for all steps
+    (set_random_seed would give each step its own copy of the same numbers)."""
+    key = hash((seed, epoch, index)) & 0x7FFFFFFF
+    transform.set_random_state(np.random.default_rng(key), random.Random(key))
+
+
+def bad_sample(error: BadImageError, strict: bool) -> tuple[None, str, str, bool]:
+    """What a dataset returns for a file that failed to decode; the collate function drops and reports it.
+    With `strict`, the main process raises at once; a loader worker cannot (torch re-raises a RuntimeError
+    with a traceback), so raise_if_strict does when the batch arrives."""
+    if strict and get_worker_info() is None:
+        raise error
+    return (None, str(error.path), error.reason, strict)
+
+
+def split_bad(items: list) -> tuple[list[dict], dict[str, list[tuple[str, str]]]]:
+    """(the good samples, {"skipped": [(path, reason)] of the bad ones, "fatal": those raised when strict})."""
+    good = [item for item in items if isinstance(item, dict)]
+    bad = [item for item in items if not isinstance(item, dict)]
+    return good, {"skipped": [(item[1], item[2]) for item in bad],
+                  "fatal": [(item[1], item[2]) for item in bad if item[3]]}
+
+
 def collate_skipping_bad(items: list) -> dict:
     """Default collation of good samples; bad ones become `batch['skipped']` [(path, reason)]."""
-    good = [item for item in items if isinstance(item, dict)]
-    skipped = [(item[1], item[2]) for item in items if not isinstance(item, dict)]
-    fatal = [(item[1], item[2]) for item in items if not isinstance(item, dict) and item[3]]
+    good, bad = split_bad(items)
     batch = default_collate(good) if good else {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long),
                                                  "index": torch.empty(0, dtype=torch.long)}
-    batch["skipped"] = skipped
-    batch["fatal"] = fatal
-    return batch
+    return {**batch, **bad}
 
 
 def raise_if_strict(batch: dict) -> None:

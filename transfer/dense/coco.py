@@ -14,7 +14,6 @@ split_seed. Category ids may be any integers; labels are 1..K in id order (0 is 
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from transfer.data.dataset import bad_sample, seed_augmentation, split_bad
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.sources import SPLIT_ALIASES, is_inside
 from transfer.errors import UserError
@@ -279,12 +279,9 @@ class BoxDataset(Dataset):
         try:
             image = read_rgb(record.source)
         except BadImageError as error:
-            if self.strict and get_worker_info() is None:
-                raise
-            return (None, str(error.path), error.reason, self.strict)
-        if self.seed is not None:  # augmentation as a function of (seed, epoch, index): see data/loaders.py
-            key = hash((self.seed, epoch, index)) & 0x7FFFFFFF
-            self.transform.set_random_state(np.random.default_rng(key), random.Random(key))
+            return bad_sample(error, self.strict)
+        if self.seed is not None:
+            seed_augmentation(self.transform, self.seed, epoch, index)
         out = self.transform(image=image, bboxes=record.boxes, labels=record.labels)
         return {"image": out["image"], "boxes": xywh_to_xyxy(out["bboxes"]),
                 "labels": torch.as_tensor(np.asarray(out["labels"]), dtype=torch.int64).reshape(-1),
@@ -299,11 +296,8 @@ def xywh_to_xyxy(boxes) -> torch.Tensor:
 def collate_boxes(items: list) -> dict:
     """Images stacked as float in [0, 1] (NOT normalised: the detector's transform normalises), targets as a
     list of {"boxes" xyxy, "labels"}; unreadable files become batch["skipped"] / batch["fatal"]."""
-    good = [item for item in items if isinstance(item, dict)]
-    bad = [item for item in items if not isinstance(item, dict)]
+    good, bad = split_bad(items)
     images = torch.stack([item["image"] for item in good]).float().div_(255) if good else torch.empty(0)
     return {"image": images,
             "targets": [{"boxes": item["boxes"], "labels": item["labels"]} for item in good],
-            "index": torch.as_tensor([item["index"] for item in good], dtype=torch.long),
-            "skipped": [(item[1], item[2]) for item in bad],
-            "fatal": [(item[1], item[2]) for item in bad if item[3]]}
+            "index": torch.as_tensor([item["index"] for item in good], dtype=torch.long), **bad}

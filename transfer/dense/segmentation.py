@@ -12,7 +12,6 @@ jaccard_score / accuracy_score on the summed matrix (its cells as weighted (true
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, jaccard_score
 from torch import nn
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import Dataset, default_collate
 
+from transfer.data.dataset import bad_sample, seed_augmentation, split_bad
 from transfer.data.images import IMAGE_EXTENSIONS, BadImageError, read_rgb
 from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, complete_splits, drop_shared_files
 from transfer.dense.augment import IGNORE_INDEX, build_dense_transform
@@ -158,12 +158,9 @@ class PairDataset(Dataset):
         try:
             image, mask = self.pair(index)
         except BadImageError as error:
-            if self.strict and get_worker_info() is None:
-                raise
-            return (None, str(error.path), error.reason, self.strict)
+            return bad_sample(error, self.strict)
         if self.seed is not None:
-            seed = hash((self.seed, epoch, index)) & 0x7FFFFFFF
-            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+            seed_augmentation(self.transform, self.seed, epoch, index)
         out = self.transform(image=image, mask=mask)
         return {"image": out["image"], "mask": out["mask"].long(), "index": index}
 
@@ -324,14 +321,11 @@ class Segmentation:
 
     def collate(self, samples: list) -> dict:
         """'image': float, normalised with the run's mean and std; 'mask': long class indices."""
-        good = [s for s in samples if isinstance(s, dict)]
-        bad = [s for s in samples if not isinstance(s, dict)]
+        good, bad = split_bad(samples)
         batch = default_collate(good) if good else {"image": torch.empty(0, 3, 1, 1), "mask": torch.empty(0, 1, 1),
                                                     "index": torch.empty(0, dtype=torch.long)}
         batch["image"] = (batch["image"].float() - self.mean) / self.std if good else batch["image"]
-        batch["skipped"] = [(s[1], s[2]) for s in bad]
-        batch["fatal"] = [(s[1], s[2]) for s in bad if s[3]]
-        return batch
+        return {**batch, **bad}
 
     def build_model(self, cfg, num_classes: int) -> tuple[nn.Module, str]:
         out_indices = cfg.task.get("out_indices") or levels_from_stride(cfg.model.name)
