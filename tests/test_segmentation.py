@@ -261,3 +261,9 @@ def test_task_monitor_picks_best_and_a_misspelling_names_the_choices(scenes: Pat
     assert best == 1 + losses.index(min(losses))  # the lowest loss, not the highest
     code, _, err = run_cli([*common, "task.monitor=val/mIoU", f"hydra.run.dir={tmp_path / 'typo'}"])
     assert code == 2 and "task.monitor=val/mIoU" in err and "val/miou" in err and "Traceback" not in err
+
+
+def test_classification_only_switches_are_refused_with_the_fix(scenes: Path, tmp_path: Path, run_cli):
+    code, _, err = run_cli(["train", "task=segmentation", f"data.root={scenes}", *MODEL, "data.sampler=balanced",
+                            "mixup=mixup", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "data.sampler=random" in err and "mixup=none" in err and "Traceback" not in err

@@ -130,8 +130,9 @@ class BalancedEpochSampler(EpochSampler):
 
 
 def build_loader(dataset: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 pin_memory: bool = False, sampler: str = "random") -> DataLoader:
-    """The one place that picks samplers and loader settings; `sampler` (data.sampler) applies to training."""
+                 pin_memory: bool = False, sampler: str = "random", collate_fn=collate_skipping_bad) -> DataLoader:
+    """The one place that picks samplers and loader settings, for every task (segmentation and detection
+    bring their own `collate_fn`); `sampler` (data.sampler) applies to training."""
     require(sampler, SAMPLERS, "data.sampler")
     workers = resolve_workers(num_workers)
     if train and sampler == "balanced":
@@ -140,7 +141,7 @@ def build_loader(dataset: ImageDataset, batch_size: int, train: bool, num_worker
         chosen = EpochSampler(len(dataset), shuffle=train, seed=seed)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=chosen,
-        num_workers=workers, collate_fn=collate_skipping_bad, pin_memory=pin_memory,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
         drop_last=train and len(dataset) > batch_size, persistent_workers=workers > 0,
         worker_init_fn=_quiet_opencv if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,

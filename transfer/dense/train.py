@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transfer.checkpoint import load_checkpoint, remove_temporaries, restore_rng_state
 from transfer.config import require, to_dict
 from transfer.data.dataset import raise_if_strict
-from transfer.data.loaders import EpochSampler, _quiet_opencv, resolve_workers
+from transfer.data.loaders import build_loader
 from transfer.dense import build_task
 from transfer.distributed import is_main
 from transfer.errors import UserError
@@ -121,11 +121,12 @@ def refuse_classification_only(cfg: DictConfig) -> None:
     used = {"mixup=none": mixup.get("mixup_alpha", 0) or mixup.get("cutmix_alpha", 0),
             "trainer.accumulate_steps=1": cfg.trainer.get("accumulate_steps", 1) != 1,
             "ema.enabled=false": (cfg.get("ema") or {}).get("enabled", False),
-            "optim.lr=<a number>": cfg.optim.lr == "auto"}
+            "optim.lr=<a number>": cfg.optim.lr == "auto",
+            "data.sampler=random": cfg.data.get("sampler", "random") != "random"}
     fixes = [fix for fix, on in used.items() if on]
     if fixes:
-        raise UserError(f"task={cfg.task.name} trains without mixup, accumulation, EMA and the LR finder: set "
-                        f"{' '.join(fixes)}.")
+        raise UserError(f"task={cfg.task.name} trains without mixup, accumulation, EMA, the LR finder and the "
+                        f"balanced sampler: set {' '.join(fixes)}.")
 
 
 def dense_preprocess(cfg: DictConfig) -> dict:
@@ -141,12 +142,12 @@ def dense_preprocess(cfg: DictConfig) -> dict:
 
 
 def dense_loader(dataset, task, cfg: DictConfig, train: bool) -> DataLoader:
-    """Shuffled by (seed, epoch) for training, in order otherwise, with the task's collate function."""
-    workers = resolve_workers(cfg.data.num_workers)
-    batch_size = cfg.data.batch_size if train else cfg.data.eval_batch_size
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), shuffle=train, seed=cfg.seed),
-                      num_workers=workers, collate_fn=task.collate, drop_last=train and len(dataset) > batch_size,
-                      persistent_workers=workers > 0, worker_init_fn=_quiet_opencv if workers > 0 else None)
+    """Classification's loader (sampler keyed by seed and epoch, workers, pinning, prefetch) with the task's
+    collate function; data.sampler=balanced has no class per image here (refuse_classification_only)."""
+    return build_loader(dataset, cfg.data.batch_size if train else cfg.data.eval_batch_size, train=train,
+                        num_workers=cfg.data.num_workers, seed=cfg.seed,
+                        pin_memory=pick_device(cfg.trainer.device).type == "cuda",
+                        collate_fn=task.collate)
 
 
 class MixedPrecision:
