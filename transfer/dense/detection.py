@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,6 @@ class Detection:
         self.preprocess: dict | None = None
         self.score_thresh_overlay = 0.5  # overlays show confident boxes only; mAP uses task.score_thresh
         self.skipped: list[tuple[str, str]] = []  # unreadable files met while evaluating; the loop drains it
-        self._predicted: dict[str, list[tuple[str, dict]]] = {}  # boxes.json path → (name, output) so far
 
     @property
     def classes(self) -> list[str]:
@@ -246,16 +246,16 @@ class Detection:
             outputs.append(pred)
         return outputs
 
-    def write_predictions(self, outputs: list[dict], names: list[str], folder: Path) -> Path:
+    def write_predictions(self, chunks: Iterable[tuple[list[str], list[dict]]], folder: Path) -> int:
         """FOLDER/boxes.json: COCO results (image_id, category_id, bbox [x, y, w, h], score) plus file_name and
-        category name, with the images and categories they refer to. `transfer predict` calls this once per
-        chunk of images: each call rewrites the file with every image this task has predicted into `folder`."""
-        path = Path(folder) / PREDICTIONS
-        done = self._predicted.setdefault(str(path), [])
-        done += list(zip(names, outputs))
-        categories = self.categories or Categories(list(range(1, 1 + _max_label(outputs))), [])
+        category name, with the images and categories they refer to; written once, atomically, after the
+        last chunk of (names, outputs). Returns the number of images; none: no file."""
+        predicted = [(name, out) for names, outputs in chunks for name, out in zip(names, outputs)]
+        if not predicted:
+            return 0
+        categories = self.categories or Categories(list(range(1, 1 + _max_label([o for _, o in predicted]))), [])
         images, results = [], []
-        for image_id, (name, out) in enumerate(done, start=1):
+        for image_id, (name, out) in enumerate(predicted, start=1):
             height, width = out.get("size", (None, None))
             images.append({"id": image_id, "file_name": str(name), "width": width, "height": height})
             for box, score, label in zip(_xywh(out["boxes"]), out["scores"].tolist(), out["labels"].tolist()):
@@ -265,9 +265,13 @@ class Detection:
                     entry["category"] = categories.names[int(label) - 1]
                 results.append(entry)
         listing = [{"id": i, "name": n} for i, n in zip(categories.ids, categories.names)]
+        path = Path(folder) / PREDICTIONS
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"images": images, "categories": listing, "annotations": results}, indent=1) + "\n")
-        return path
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps({"images": images, "categories": listing, "annotations": results},
+                                        indent=1) + "\n")
+        temporary.replace(path)
+        return len(predicted)
 
     @torch.no_grad()
     def write_overlays(self, model: Detector, dataset: BoxDataset, folder: Path, count: int) -> list[Path]:

@@ -19,19 +19,23 @@ def predict_dense(checkpoint: dict, files: list[str], input_root: str, out: str 
     task, model = dense_from_checkpoint(checkpoint)
     folder = Path(out or DEFAULT_OUT).expanduser()
     root = Path(input_root).expanduser()
-    skipped, done = [], 0
-    for start in range(0, len(files), batch_size):
-        images, names = [], []
-        for file in files[start:start + batch_size]:
-            try:
-                images.append(read_rgb(file))
-            except BadImageError as error:
-                skipped.append((file, error.reason))
-                continue
-            names.append(output_name(Path(file), root))
-        if images:
-            task.write_predictions(task.predict(model, images), names, folder)
-            done += len(images)
+    skipped: list[tuple[str, str]] = []
+
+    def chunks():
+        """(names, predictions) of each chunk of readable files; the unreadable ones into `skipped`."""
+        for start in range(0, len(files), batch_size):
+            images, names = [], []
+            for file in files[start:start + batch_size]:
+                try:
+                    images.append(read_rgb(file))
+                except BadImageError as error:
+                    skipped.append((file, error.reason))
+                    continue
+                names.append(output_name(Path(file), root))
+            if images:
+                yield names, task.predict(model, images)
+
+    done = task.write_predictions(chunks(), folder)
     if not done:
         raise UserError(f"none of the {len(files)} input file(s) could be read as an image "
                         f"({'; '.join(f'{p}: {r}' for p, r in skipped[:3])}).")

@@ -12,6 +12,7 @@ jaccard_score / accuracy_score on the summed matrix (its cells as weighted (true
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -370,19 +371,22 @@ class Segmentation:
             masks.append(logits.argmax(1)[0].to(torch.uint8).cpu().numpy())
         return masks
 
-    def write_predictions(self, outputs: list[np.ndarray], names: list[str], folder: Path) -> list[Path]:
-        """folder/NAME.png per image (pixel = class index, as the training masks) and folder/classes.txt."""
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CLASSES_FILE).write_text("\n".join(self.classes) + "\n", encoding="utf-8")
-        paths = []
-        for mask, name in zip(outputs, names):
-            path = folder / f"{name}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.tmp")
-            Image.fromarray(mask).save(temporary, format="PNG")
-            temporary.replace(path)
-            paths.append(path)
-        return paths
+    def write_predictions(self, chunks: Iterable[tuple[list[str], list[np.ndarray]]], folder: Path) -> int:
+        """folder/NAME.png per image (pixel = class index, as the training masks) and folder/classes.txt, written
+        chunk by chunk of (names, masks), each file atomically. Returns the number of images; none: no files."""
+        count = 0
+        for names, masks in chunks:
+            if not count:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / CLASSES_FILE).write_text("\n".join(self.classes) + "\n", encoding="utf-8")
+            for mask, name in zip(masks, names):
+                path = folder / f"{name}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_name(f".{path.name}.tmp")
+                Image.fromarray(mask).save(temporary, format="PNG")
+                temporary.replace(path)
+            count += len(names)
+        return count
 
     @torch.no_grad()
     def write_overlays(self, model: nn.Module, dataset: PairDataset, folder: Path, count: int) -> list[Path]:

@@ -9,7 +9,7 @@ A task object (dense/segmentation.py, dense/detection.py) brings what differs:
     build_model(cfg, num_classes)       -> (DenseModel with .backbone / .head, weights source)
     loss(model, batch)                  -> scalar tensor (model in train mode)
     evaluate(model, loader)             -> {metric: value} without split prefix
-    predict(model, images) / write_predictions(outputs, names, folder)
+    predict(model, images) / write_predictions(chunks of (names, outputs), folder) -> images written
     write_overlays(model, dataset, folder, count)
     checkpoint_entries() / restore(checkpoint), skipped (files found bad inside batches)
 
