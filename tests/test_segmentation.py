@@ -267,3 +267,28 @@ def test_classification_only_switches_are_refused_with_the_fix(scenes: Path, tmp
     code, _, err = run_cli(["train", "task=segmentation", f"data.root={scenes}", *MODEL, "data.sampler=balanced",
                             "mixup=mixup", f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 2 and "data.sampler=random" in err and "mixup=none" in err and "Traceback" not in err
+
+
+def test_a_resumed_run_ends_as_the_straight_run_and_another_tasks_checkpoint_is_refused(scenes: Path, tmp_path: Path,
+                                                                                          run_cli):
+    from transfer.checkpoint import load_checkpoint, save_checkpoint
+
+    common = ["train", "task=segmentation", f"data.root={scenes}", *MODEL, "data.batch_size=4", "task.overlays=0",
+              "trainer.progress=off"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli([*common, "trainer.epochs=3", f"hydra.run.dir={straight}"])[0] == 0
+    assert run_cli([*common, "trainer.epochs=1", f"hydra.run.dir={resumed}"])[0] == 0
+    code, _, err = run_cli([*common, "trainer.epochs=3", f"trainer.resume={resumed / 'last.pt'}",
+                            f"hydra.run.dir={resumed}"])
+    assert code == 0, err
+
+    def final(run: Path) -> dict:
+        return {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k != "train_seconds"}
+
+    assert final(resumed) == final(straight)
+
+    classifier = load_checkpoint(straight / "last.pt")
+    save_checkpoint({**classifier, "task": "classification"}, tmp_path / "classifier.pt")
+    code, _, err = run_cli([*common, "trainer.epochs=4", f"trainer.resume={tmp_path / 'classifier.pt'}",
+                            f"hydra.run.dir={tmp_path / 'wrong'}"])
+    assert code == 2 and "is a classification checkpoint; this run is task=segmentation" in err

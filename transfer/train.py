@@ -401,6 +401,9 @@ def resume(path: str, model, optimizer, meta: dict, run_dir: Path | None = None)
         path, checkpoint = found
     else:
         checkpoint = load_checkpoint(path)
+    trained_for, this_run = checkpoint.get("task", "classification"), meta.get("task", "classification")
+    if trained_for != this_run:
+        raise UserError(f"{path} is a {trained_for} checkpoint; this run is task={this_run}.")
     if checkpoint["classes"] != meta["classes"]:
         raise UserError(f"{path} was trained on classes {checkpoint['classes']}, this data has {meta['classes']}.")
     model.load_state_dict(checkpoint["model"])

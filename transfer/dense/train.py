@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from transfer.checkpoint import load_checkpoint, remove_temporaries, restore_rng_state
+from transfer.checkpoint import load_checkpoint, remove_temporaries
 from transfer.config import require, to_dict
 from transfer.data.dataset import raise_if_strict
 from transfer.data.loaders import build_loader
@@ -41,7 +41,7 @@ from transfer.models.backbone import count_parameters, resolve_preprocess, to_ch
 from transfer.models.finetune import STRATEGIES, apply_strategy, set_train_mode
 from transfer.optim import PhaseScheduler, build_optimizer
 from transfer.train import (NonFiniteError, SkippedFiles, _improved, check_finite, log, preprocess_overrides,
-                            save_progress, seed_everything, write_epoch)
+                            resume, save_progress, seed_everything, write_epoch)
 
 
 def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -70,7 +70,7 @@ def train_dense(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     state = {"epoch": 0, "step": 0, "partial": None, "bad_steps": 0, "history": [], "best": None,
              "best_epoch": None, "train_seconds": 0.0}
     if cfg.trainer.resume:
-        state.update(resume_dense(cfg.trainer.resume, model, optimizer, meta, run_dir))
+        state.update(resume(cfg.trainer.resume, model, optimizer, meta, run_dir) or {})  # dense: whole epochs
         scheduler.step_update(num_updates=state["epoch"] * len(loaders["train"]))
     total, trainable = count_parameters(model)
     write_run_info(run_dir, meta, datasets, total, trainable)
@@ -292,29 +292,6 @@ def write_run_info(run_dir: Path, meta: dict, datasets: dict, total: int, traina
             "data": str(meta["config"]["data"]["root"]), "splits": {k: len(v) for k, v in datasets.items()},
             "parameters": total, "trainable_parameters": trainable}
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-def resume_dense(path: str, model, optimizer, meta: dict, run_dir: Path) -> dict:
-    """The loop state after the checkpoint's last finished epoch (a run directory stands for its last.pt)."""
-    from transfer.checkpoint import newest_checkpoint
-
-    if path == "auto" or Path(path).expanduser().is_dir():
-        found = newest_checkpoint(run_dir if path == "auto" else Path(path).expanduser())
-        if found is None:
-            if path == "auto":
-                return {}
-            raise UserError(f"trainer.resume={path}: no last.pt or best.pt that loads in that folder.")
-        path, checkpoint = found
-    else:
-        checkpoint = load_checkpoint(path)
-    if checkpoint.get("task") != meta["task"] or checkpoint["classes"] != meta["classes"]:
-        raise UserError(f"{path} was trained for {checkpoint.get('task', 'classification')} on classes "
-                        f"{checkpoint['classes']}; this run is {meta['task']} on {meta['classes']}.")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    restore_rng_state(checkpoint["rng"])
-    log(f"resumed from {path} after epoch {checkpoint['epoch']}")
-    return {key: checkpoint[key] for key in ("epoch", "history", "best", "best_epoch", "train_seconds")}
 
 
 # ---------------------------------------------------------------------------------------------
