@@ -108,8 +108,8 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
     import io
 
     from transfer.data.loaders import build_loader, resolve_workers
-    from transfer.inference import autocast, fold_batchnorm, predict_logits
-    from transfer.techniques import Techniques
+    from transfer.models.inference import autocast, fold_batchnorm, predict_logits
+    from transfer.engine.techniques import Techniques
     from transfer.train import Loop, build_pipeline
 
     cfg = build(args, extra)

@@ -1,4 +1,4 @@
-"""Augmentation: pipelines from config (transfer.augment) and the reseeding contract of the loaders.
+"""Augmentation: pipelines from config (transfer.data.augment) and the reseeding contract of the loaders.
 
 albumentations 2.0.8 replays one random stream in every DataLoader worker and every epoch
 (DESIGN.md §4). transfer makes each sample's augmentation a function of (seed, epoch, index); the
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from transfer.augment import build_eval_transform, build_train_transform
+from transfer.data.augment import build_eval_transform, build_train_transform
 from transfer.config import config_dir
 from transfer.data.dataset import ImageDataset
 from transfer.data.loaders import build_loader

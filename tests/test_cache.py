@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from transfer.augment import build_eval_transform
+from transfer.data.augment import build_eval_transform
 from transfer.data.cache import DiskCache, build_cache, default_cache_dir, shrink
 from transfer.data.dataset import ImageDataset
 from transfer.data.images import read_rgb

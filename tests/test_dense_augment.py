@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from transfer.config import compose, group_options
-from transfer.dense.augment import IGNORE_INDEX, build_dense_transform
+from transfer.data.augment import IGNORE_INDEX, build_dense_transform
 
 SIDE, INPUT = 64, 48
 OBJECTS = {1: (8, 10, 20, 14), 2: (34, 30, 18, 24)}  # label → COCO box [x, y, w, h] of a filled rectangle

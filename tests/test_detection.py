@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer.dense.coco import BoxDataset, clip_box, collate_boxes, read_coco, read_splits
-from transfer.dense.augment import build_dense_transform
-from transfer.dense.detection import coco_metrics
+from transfer.data.coco import BoxDataset, clip_box, collate_boxes, read_coco, read_splits
+from transfer.data.augment import build_dense_transform
+from transfer.metrics.detection import coco_metrics
 from transfer.errors import UserError
 
 COLOURS = ((255, 60, 60), (60, 255, 60))  # class 1 red, class 2 green
@@ -204,7 +204,9 @@ def test_train_and_predict_from_the_cli(coco_folder: Path, run_cli, tmp_path: Pa
     code, out, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={tmp_path / 'eval'}"])
     assert code == 0, err  # the run's test split scored again: the run's own figures
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert again == {key: value for key, value in metrics.items() if key.startswith("test/")}
+    assert {k: v for k, v in again.items() if k.split("/")[1] in ("map", "map50", "map75")} == \
+        {key: value for key, value in metrics.items() if key.startswith("test/")}
+    assert again["test/images"] == 6
 
     out_dir = tmp_path / "pred"
     code, out, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={coco_folder / 'test' / 'images'}",
@@ -221,10 +223,10 @@ def test_train_and_predict_from_the_cli(coco_folder: Path, run_cli, tmp_path: Pa
 def test_fine_tune_strategies_and_layer_decay_apply_to_the_detector() -> None:
     """linear_probe freezes exactly the timm backbone (BatchNorm statistics included) and trains FCOS; layer
     decay gives the backbone's early layers smaller learning rates than the detection head."""
-    from transfer.dense.backbone import build_backbone
-    from transfer.dense.detection import build_detector
+    from transfer.models.features import build_backbone
+    from transfer.models.detector import build_detector
     from transfer.models.finetune import apply_strategy
-    from transfer.optim import build_optimizer
+    from transfer.engine.optim import build_optimizer
 
     backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[2, 3, 4])
     model = build_detector(backbone, "test_efficientnet", 2, (64, 64), [0.5] * 3, [0.5] * 3)
@@ -243,14 +245,20 @@ def test_fine_tune_strategies_and_layer_decay_apply_to_the_detector() -> None:
     assert min(scales) < max(scales) == 1.0
 
 
-def test_detection_trains_in_float32_whatever_trainer_amp_says(coco_folder: Path, run_cli, tmp_path: Path) -> None:
-    """FCOS's losses are not stable under bf16 autocast: the run says so and trains in float32."""
+def test_detection_refuses_autocast_and_trains_in_float32(coco_folder: Path, run_cli, tmp_path: Path) -> None:
+    """FCOS's losses are not stable under bf16 autocast: an explicit trainer.amp is refused with the reason;
+    trainer.amp=auto trains in float32."""
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "task=detection", f"data.root={coco_folder}", "model.name=test_efficientnet",
                               "model.pretrained=false", "preprocess.input_size=64", "trainer.epochs=1",
                               "trainer.amp=bf16", "data.batch_size=4", "task.overlays=0", "trainer.progress=off",
                               f"hydra.run.dir={run}"])
+    assert code == 2 and "trainer.amp=bf16" in err and "float32" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["train", "task=detection", f"data.root={coco_folder}", "model.name=test_efficientnet",
+                              "model.pretrained=false", "preprocess.input_size=64", "trainer.epochs=1",
+                              "trainer.amp=auto", "data.batch_size=4", "task.overlays=0", "trainer.progress=off",
+                              f"hydra.run.dir={run}"])
     assert code == 0, err
-    assert "detection trains in float32" in out
+    assert "amp" not in out.split("best.pt by")[0].split("device")[1]  # no autocast dtype in the start line
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["test/map50"] <= 1.0

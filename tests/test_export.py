@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from transfer import export as export_module
+from transfer.export import formats as export_formats
 from transfer.checkpoint import load_checkpoint, save_checkpoint
 from transfer.cli import main
 from transfer.config import compose, to_dict
 from transfer.errors import UserError
-from transfer.exported import is_exported, load_exported_predictor
-from transfer.inference import Normalizer
+from transfer.export.exported import is_exported, load_exported_predictor
+from transfer.models.inference import Normalizer
 from transfer.models.backbone import build_model, model_from_checkpoint, resolve_preprocess
 from transfer.models.converters import package_for
 
@@ -347,7 +348,7 @@ def test_a_failed_export_leaves_nothing_that_looks_complete(monkeypatch, tmp_pat
 
 
 def test_a_failed_round_trip_publishes_nothing(monkeypatch, tmp_path: Path, small_checkpoint: Path) -> None:
-    monkeypatch.setattr(export_module, "max_difference", lambda expected, actual: 1.0)
+    monkeypatch.setattr(export_formats, "max_difference", lambda expected, actual: 1.0)
     with pytest.raises(RuntimeError, match="differs from the fine-tuned model"):
         export_module.export(export_module.load_source(small_checkpoint), "torchscript", tmp_path / "ts")
     assert list(tmp_path.iterdir()) == []
@@ -355,7 +356,7 @@ def test_a_failed_round_trip_publishes_nothing(monkeypatch, tmp_path: Path, smal
 
 def test_an_architecture_onnx_cannot_take_fails_in_one_line(monkeypatch, capfd, tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "run", "test_vit", "full")
-    monkeypatch.setattr(export_module, "fixed_size_copy", lambda model, input_size: model)
+    monkeypatch.setattr(export_formats, "fixed_size_copy", lambda model, input_size: model)
     capfd.readouterr()
     assert main(["export", f"checkpoint={path}", "format=onnx", f"out={tmp_path / 'onnx'}"]) == 2
     out, err = capfd.readouterr()

@@ -1,4 +1,4 @@
-"""The linear-probe fast path (transfer.probe): features once, the head trained on them by the same loop.
+"""The linear-probe fast path (transfer.tasks.probe): features once, the head trained on them by the same loop.
 
 It must give the slow path's results, leave a normal run directory whose checkpoints hold the whole model,
 reuse its feature cache on a second run, and extract again when an image, the weights or the preprocessing
@@ -19,14 +19,14 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CLASSES, write_png
-from transfer.augment import build_eval_transform, build_train_transform
+from transfer.data.augment import build_eval_transform, build_train_transform
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import main
 from transfer.config import compose
 from transfer.data.dataset import ImageDataset
 from transfer.data.sources import Record
-from transfer.inference import Normalizer
-from transfer.probe import blocker, feature_key, head_view, weights_hash
+from transfer.models.inference import Normalizer
+from transfer.tasks.probe import blocker, feature_key, head_view, weights_hash
 
 TINY = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
         "data.num_workers=0", "data.batch_size=8", "trainer.progress=plain", "trainer.epochs=3",

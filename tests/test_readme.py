@@ -49,7 +49,9 @@ def config_keys() -> set[str]:
     for group in groups():
         if group != "recipe":
             for option in group_options(group):
-                keys |= leaves(OmegaConf.load(config_dir() / group / f"{option}.yaml"), f"{group}.")
+                path = config_dir() / group / f"{option}.yaml"
+                is_global = path.read_text().startswith("# @package _global_")  # a task file sets shared keys too
+                keys |= leaves(OmegaConf.load(path), "" if is_global else f"{group}.")
     return keys
 
 

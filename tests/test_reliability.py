@@ -34,9 +34,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import CLASSES, RunCli, write_png
-from transfer import checkpoint as checkpoint_module
+from transfer import files as files_module
 from transfer.checkpoint import load_checkpoint, newest_checkpoint, remove_temporaries, save_checkpoint
-from transfer.cli import lock_run_dir, make_run_dir
+from transfer.engine.rundir import lock_run_dir, make_run_dir
 from transfer.data.images import read_rgb
 from transfer.data.sources import build_splits
 from transfer.errors import UserError
@@ -573,21 +573,23 @@ def test_manifest_paths_outside_its_folder_are_refused_unless_allowed(run_cli: R
 
 
 def fill_disk_after(monkeypatch: pytest.MonkeyPatch, good_saves: int) -> None:
-    """Saves after the first `good_saves` write into /dev/full: every write fails with ENOSPC, for real."""
+    """Checkpoint saves after the first `good_saves` write into /dev/full: every write fails with ENOSPC, for real
+    (other files keep being written: the disk fills while a checkpoint is written)."""
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full")
     real, calls = tempfile.mkstemp, []
 
     def mkstemp(*args, **kwargs):
         handle, name = real(*args, **kwargs)
-        calls.append(name)
-        if len(calls) > good_saves:
+        if ".pt." in Path(name).name:
+            calls.append(name)
+        if ".pt." in Path(name).name and len(calls) > good_saves:
             full = os.open("/dev/full", os.O_WRONLY)
             os.dup2(full, handle)
             os.close(full)
         return handle, name
 
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", mkstemp)
 
 
 def test_full_disk_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -619,12 +621,12 @@ def test_unwritable_output_folder_is_one_line(run_cli: RunCli, tmp_path: Path, d
 
 
 def test_read_only_run_folder_mid_run_is_one_line(run_cli: RunCli, tmp_path: Path, data: str, monkeypatch) -> None:
-    import transfer.train
+    import transfer.engine.fit
 
     def read_only(run_dir, history):
         raise OSError(errno.EROFS, "Read-only file system", str(run_dir / "metrics.csv"))
 
-    monkeypatch.setattr(transfer.train, "write_epoch", read_only)
+    monkeypatch.setattr(transfer.engine.fit, "write_epochs", read_only)
     code, _, err = run_cli(["train", *FAST, data, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"])
     one_line_error(code, err, "metrics.csv: Read-only file system", "hydra.run.dir")
 
@@ -632,7 +634,7 @@ def test_read_only_run_folder_mid_run_is_one_line(run_cli: RunCli, tmp_path: Pat
 # ------------------------------------------------------------------------------------------------
 # 6. Two runs, one folder
 
-HOLDER = ("import pathlib, sys, time; from transfer.cli import lock_run_dir; "
+HOLDER = ("import pathlib, sys, time; from transfer.engine.rundir import lock_run_dir; "
           "lock = lock_run_dir(pathlib.Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
 
 
@@ -660,7 +662,7 @@ def test_concurrent_fresh_runs_get_their_own_directories(tmp_path: Path) -> None
 
     def start() -> None:
         barrier.wait()
-        made.append(make_run_dir(cfg, []))
+        made.append(make_run_dir(cfg.hydra.run.dir, False, None))
 
     threads = [threading.Thread(target=start) for _ in range(8)]
     for thread in threads:

@@ -17,11 +17,13 @@ from torch import nn
 
 from conftest import CLASSES, RunCli, final, rows, write_png
 from transfer.checkpoint import load_checkpoint
-from transfer.cli import command_help, main
+from transfer.cli import main
+from transfer.cli.help import command_help
 from transfer.errors import UserError
 from transfer.models.finetune import Plan, apply_strategy, is_batchnorm, parameter_groups
-from transfer.optim import PhaseScheduler, build_optimizer
-from transfer.regularize import Mixer, class_weights, should_stop_early
+from transfer.engine.optim import PhaseScheduler, build_optimizer
+from transfer.engine.monitor import Monitor
+from transfer.tasks.mixing import Mixer, class_weights
 
 TINY = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
         "data.num_workers=0", "data.batch_size=8", "trainer.progress=off"]
@@ -204,10 +206,12 @@ def test_balanced_sampler_draws_classes_evenly_and_by_seed_and_epoch() -> None:
 
 
 def test_early_stopping_rule() -> None:
-    assert not should_stop_early(None, 1, 10, True)
-    assert not should_stop_early(3, 5, 7, True)
-    assert should_stop_early(3, 5, 8, True)
-    assert not should_stop_early(3, 5, 8, False)  # nothing monitored (no val split): never
+    monitor = Monitor("val/top1", "max", validated=True)
+    assert not monitor.should_stop(None, {"epoch": 10, "best_epoch": 1})
+    assert not monitor.should_stop(3, {"epoch": 7, "best_epoch": 5})
+    assert monitor.should_stop(3, {"epoch": 8, "best_epoch": 5})
+    unvalidated = Monitor("val/top1", "max", validated=False)  # nothing monitored (no val split): never
+    assert not unvalidated.should_stop(3, {"epoch": 8, "best_epoch": 5})
 
 
 def test_early_stopping_stops_a_plateau_and_keeps_the_best(images: Path, runs: Path) -> None:
@@ -223,7 +227,7 @@ def test_early_stopping_stops_a_plateau_and_keeps_the_best(images: Path, runs: P
 
 
 def test_ema_warmup_starts_at_the_model_and_lags_behind_it() -> None:
-    from transfer.regularize import Ema
+    from transfer.engine.ema import Ema
 
     model = tiny_model()
     ema = Ema(model, decay=0.998)
@@ -311,15 +315,15 @@ def test_compile_switch_compiles_the_model_in_place(images: Path, runs: Path, mo
 
 def test_lr_sweep_suggests_within_the_falling_part_and_restores_the_model(train_only: Path) -> None:
     from transfer.config import compose
-    from transfer.lr_find import sweep_lr
-    from transfer.techniques import prepare
+    from transfer.engine.lr_find import sweep_lr
+    from transfer.engine.setup import build_setup
 
     cfg = compose([*TINY, f"data.root={train_only}", "data.val_fraction=0", "data.test_fraction=0"])
-    setup = prepare(cfg)
+    setup = build_setup(cfg)
     before = {k: v.clone() for k, v in setup.model.state_dict().items()}
     rng = torch.get_rng_state()
-    sweep = sweep_lr(setup.model, setup.plan, OmegaConf.to_container(cfg.optim), setup.train_loader, setup.normalize,
-                     setup.criterion, setup.device, num_iter=30, start_lr=1e-5, end_lr=10.0)
+    sweep = sweep_lr(setup.model, setup.plan, OmegaConf.to_container(cfg.optim), setup.loaders["train"], setup.task,
+                     setup.runtime, num_iter=30, start_lr=1e-5, end_lr=10.0)
     assert same_weights(setup.model.state_dict(), before) and torch.equal(torch.get_rng_state(), rng)
     assert sweep.lrs == sorted(sweep.lrs) and sweep.lrs[0] == pytest.approx(1e-5)
     assert 1e-5 < sweep.suggestion < sweep.lrs[-1] and set(sweep.suggestions) == {"valley", "steepest", "minimum"}
@@ -352,7 +356,7 @@ def test_lr_auto_records_its_pick_and_equals_a_run_with_that_lr(train_only: Path
 
 
 def test_tta_averages_probabilities_of_the_views() -> None:
-    from transfer.tta import TestTimeAugmentation, five_crops
+    from transfer.models.tta import TestTimeAugmentation, five_crops
 
     model = tiny_model().eval()
     images = torch.randn(2, 3, 32, 32)
@@ -395,7 +399,7 @@ NEW_KEYS = ["finetune", "finetune.bn", "finetune.head_epochs", "finetune.head_lr
 
 @pytest.fixture(scope="module")
 def train_help() -> str:
-    return command_help("train")
+    return command_help("train", "")
 
 
 @pytest.mark.parametrize("key", NEW_KEYS)

@@ -14,7 +14,6 @@ import pickle
 import random
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,37 +22,28 @@ import numpy as np
 import torch
 
 from transfer.errors import UserError
+from transfer.files import TEMPORARY_SUFFIX, atomic_write, fsync_folder
+from transfer.files import remove_temporaries as remove_files
 
 FORMAT_VERSION = 1
-TEMPORARY_SUFFIX = ".tmp"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
+WEIGHT_CHOICES = ("auto", "model", "ema")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write atomically: temporary file in the same folder, fsync, rename over `path`, fsync the folder.
+    """Write atomically and durably (transfer.files): a crash at any moment leaves the previous file intact.
 
     A failed write (full disk, quota, read-only folder) is a UserError; the previous file at `path`
     is left as it was and the temporary file is removed.
     """
     path = Path(path)
-    temporary = None
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        with os.fdopen(handle, "wb") as stream:
+        with atomic_write(path, "wb", durable=True) as stream:
             torch.save({"format_version": FORMAT_VERSION, **state}, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-        temporary = None
-        _fsync_dir(path.parent)
     except OSError as error:
         kept = f"The previous {path.name} is intact. " if path.exists() else ""
         raise UserError(f"cannot write checkpoint {path}: {error.strerror or error}. {kept}Free some disk space "
                         "or point hydra.run.dir at a writable folder, then resume.") from None
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -66,7 +56,7 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike, state: d
         temporary.unlink(missing_ok=True)
         os.link(source, temporary)
         os.replace(temporary, path)
-        _fsync_dir(path.parent)
+        fsync_folder(path.parent)
     except OSError:
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -75,21 +65,7 @@ def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike, state: d
 
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete what an interrupted save_checkpoint left behind (`.<name>.*.tmp`); returns what went."""
-    stale = sorted(Path(folder).glob(f".*.pt.*{TEMPORARY_SUFFIX}"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    return remove_files(folder, f".*.pt.*{TEMPORARY_SUFFIX}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -167,3 +143,24 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def choose_weights(checkpoint: dict, choice: str, path: Path | str = "the checkpoint") -> tuple[dict, str]:
+    """The EMA weights when the run found them best (or they are asked for), else the raw model's."""
+    has_ema = checkpoint.get("model_ema") is not None
+    if choice == "ema" and not has_ema:
+        raise UserError(f"{path} holds no EMA weights (the run trained without EMA). Use weights=model or auto.")
+    use_ema = choice == "ema" or (choice == "auto" and has_ema and bool(checkpoint.get("best_is_ema")))
+    return (unwrapped(checkpoint["model_ema"]), "ema") if use_ema else (checkpoint["model"], "model")
+
+
+def unwrapped(state: dict) -> dict:
+    """timm's ModelEmaV3.state_dict() prefixes every key with 'module.'; the model's keys have none."""
+    if state and all(key.startswith("module.") for key in state):
+        return {key.removeprefix("module."): value for key, value in state.items()}
+    return state
+
+
+def final_weights(checkpoint: dict) -> dict:
+    """The weights a run's evaluation uses: the EMA's when they were best, else the model's."""
+    return choose_weights(checkpoint, "auto")[0]

@@ -10,13 +10,12 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from transfer.data.images import to_rgb_uint8
-from transfer.data.sources import Record
 
 
-def digits_records() -> tuple[list[str], list[Record]]:
-    """1,797 digits as RGB uint8 arrays; pixel intensities 0–16 are stretched to 0–255."""
+def digits_images() -> tuple[list[str], list[tuple[np.ndarray, int]]]:
+    """(class names, 1,797 (RGB uint8 array, label) pairs); pixel intensities 0–16 are stretched to 0–255."""
     bunch = load_digits()
     pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    records = [Record(to_rgb_uint8(Image.fromarray(image, mode="L")), int(label))
+    images = [(to_rgb_uint8(Image.fromarray(image, mode="L")), int(label))
                for image, label in zip(pixels, bunch.target)]
-    return [str(name) for name in bunch.target_names], records
+    return [str(name) for name in bunch.target_names], images

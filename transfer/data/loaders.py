@@ -11,16 +11,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 
-from transfer.augment import build_eval_transform, build_train_transform
+from transfer.data.augment import build_eval_transform, build_train_transform
 from transfer.config import require
 from transfer.data.cache import CACHE_KINDS, available_memory_bytes, build_cache
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
-from transfer.data.sources import DataSplits, Record, build_splits
+from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, build_splits, read_folder, read_manifest
+from transfer.errors import UserError
 
 
 @dataclass
@@ -153,3 +156,69 @@ def _quiet_opencv(_: int) -> None:
     import cv2
 
     cv2.setNumThreads(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the data of `transfer eval`
+
+EVAL_SPLITS = ("train", "val", "test")
+
+
+def eval_splits(data_cfg: DictConfig, trained_root: str | None, classes: list[str]) -> DataSplits:
+    """The training data split exactly as training split it, or a new data.root taken as it is
+    (its split folders, or all of its images); labels follow the checkpoint's class order by name."""
+    require(data_cfg.cache, CACHE_KINDS, "data.cache")
+    require(data_cfg.on_bad_image, ("skip", "error"), "data.on_bad_image")
+    root = data_cfg.root
+    if same_root(root, trained_root):
+        if root is not None and not Path(root).expanduser().exists():
+            raise UserError(f"the checkpoint was trained on data.root={root}, which does not exist here. "
+                            "Point eval at the data with data.root=PATH.")
+        return relabel(index_data(data_cfg), classes)
+    return read_as_is(Path(root).expanduser(), classes)
+
+
+def same_root(root: str | None, trained_root: str | None) -> bool:
+    if root is None or trained_root is None:
+        return root is None and trained_root is None
+    return Path(root).expanduser().resolve() == Path(trained_root).expanduser().resolve()
+
+
+def read_as_is(root: Path, classes: list[str]) -> DataSplits:
+    """A folder or manifest other than the training data: never split, since all of it is unseen."""
+    if not root.exists():
+        raise UserError(f"data.root={root} does not exist. Point it at a folder of class folders, "
+                        "a folder with train/ val/ test/ inside, or a CSV manifest.")
+    if root.is_file():
+        return relabel(read_manifest(root), classes)
+    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
+                  if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+    if not split_dirs:
+        return relabel(read_folder(root), classes)
+    parts = {split: relabel(read_folder(folder), classes) for split, folder in split_dirs.items()}
+    splits = {split: part.splits["all"] for split, part in parts.items()}
+    return DataSplits(classes, splits, [], f"split folders {root}")
+
+
+def relabel(data: DataSplits, classes: list[str]) -> DataSplits:
+    """Map the data's labels onto the checkpoint's classes by name; a subset of them is fine."""
+    unknown = [name for name in data.classes if name not in classes]
+    if unknown:
+        raise UserError(f"{data.description or 'the data'} has classes the checkpoint does not know: "
+                        f"{', '.join(unknown)}. It knows: {', '.join(classes)}. Remove those class folders "
+                        "(or labels), or evaluate a checkpoint trained on them.")
+    index = [classes.index(name) for name in data.classes]
+    splits = {name: [Record(r.source, index[r.label]) for r in records] for name, records in data.splits.items()}
+    return DataSplits(list(classes), splits, data.skipped, data.description)
+
+
+def choose_split(requested: str | None, data: DataSplits) -> str:
+    """Default: test, else val, else every image (a new folder without split folders)."""
+    available = [name for name in EVAL_SPLITS if name in data.splits] + ["all"]
+    if not requested:
+        return next(name for name in ("test", "val", "all") if name in available)
+    split = SPLIT_ALIASES.get(requested.lower(), requested.lower())
+    if split not in available:
+        raise UserError(f"split={requested} is not available for {data.description or 'this data'}. "
+                        f"Available splits: {', '.join(available)}.")
+    return split

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from transfer.data.digits import digits_images
 from transfer.data.images import IMAGE_EXTENSIONS
 from transfer.errors import UserError
 
@@ -55,9 +56,8 @@ def build_splits(root: str | None, val_fraction: float, test_fraction: float, sp
     in the first of train, val, test and is listed as skipped in the others.
     """
     if root is None:
-        from transfer.data.digits import digits_records
-
-        classes, records = digits_records()
+        classes, images = digits_images()
+        records = [Record(image, label) for image, label in images]
         pooled = DataSplits(classes, {"all": records}, description="scikit-learn digits (embedded)")
     else:
         path = Path(root).expanduser()

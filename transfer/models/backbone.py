@@ -139,11 +139,16 @@ def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> tuple[n
     return model, f"file {path}"
 
 
-def resolve_preprocess(model: nn.Module, input_size: int | list | None = None, mean: list | None = None,
+def resolve_preprocess(model: nn.Module | str, input_size: int | list | None = None, mean: list | None = None,
                        std: list | None = None, interpolation: str | None = None,
                        crop_pct: float | None = None) -> dict:
-    """The model's data config with the user's overrides; recorded in the run as used."""
-    config = timm.data.resolve_model_data_config(model)
+    """The data config of a model (or of an architecture by name: no weights needed) with the user's
+    overrides; recorded in the run as used."""
+    if isinstance(model, str):
+        pretrained = timm.models.get_pretrained_cfg(model)
+        config = timm.data.resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {})
+    else:
+        config = timm.data.resolve_model_data_config(model)
     if input_size is not None:
         side = [input_size, input_size] if isinstance(input_size, int) else list(input_size)[-2:]
         config["input_size"] = (3, *side)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from transfer.config import require
+
 STRATEGIES = ("full", "linear_probe", "freeze_then_unfreeze", "gradual")
 BN_POLICIES = ("train", "freeze_stats", "frozen")
 
@@ -48,8 +50,6 @@ class Plan:
     def __init__(self, model: nn.Module, strategy: str = "full", epochs: int = 1, bn: str = "train",
                  head_epochs: int = 1, head_lr: float | None = None, head_warmup_epochs: float | None = 0,
                  unfreeze_every: int = 1) -> None:
-        from transfer.config import require
-
         require(strategy, STRATEGIES, "finetune.strategy")
         require(bn, BN_POLICIES, "finetune.bn")
         self.strategy, self.epochs, self.bn = strategy, max(int(epochs), 1), bn

@@ -1,0 +1,138 @@
+"""albumentations pipelines: the training one from an augment preset, the eval one from the model's
+data config; for segmentation and detection, the same presets with masks and boxes moving with the image. Both end in uint8 CHW tensors; normalisation happens on the device, in the loop,
+because moving uint8 is 4× cheaper than float and the GPU does the arithmetic for free.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from typing import Any
+
+import cv2
+from hydra.utils import get_class
+
+from transfer.errors import UserError
+
+
+def _import_albumentations():
+    """albumentations asks PyPI for a newer version when it is first imported unless NO_ALBUMENTATIONS_UPDATE
+    is set: set it for that import alone, so a caller's environment is left as it was."""
+    before = os.environ.get("NO_ALBUMENTATIONS_UPDATE")
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    try:
+        import albumentations
+        import albumentations.pytorch
+    finally:
+        if before is None:
+            del os.environ["NO_ALBUMENTATIONS_UPDATE"]
+        else:
+            os.environ["NO_ALBUMENTATIONS_UPDATE"] = before
+    return albumentations, albumentations.pytorch.ToTensorV2
+
+
+A, ToTensorV2 = _import_albumentations()
+
+INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
+                 "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4, "random": cv2.INTER_LINEAR}
+
+
+def build_train_transform(steps: list[dict], preprocess: dict) -> A.Compose:
+    """Instantiate a preset's transforms; `size: null` (or height/width: null) means the input size."""
+    transforms = [_instantiate(dict(step), preprocess) for step in steps]
+    return A.Compose(transforms + [ToTensorV2()])
+
+
+def build_eval_transform(preprocess: dict) -> A.Compose:
+    """timm's eval recipe: resize the short side to input/crop_pct, then center-crop the input size."""
+    height, width = preprocess["input_size"][1:]
+    interpolation = INTERPOLATION[preprocess["interpolation"]]
+    scale_hw = (int(height / preprocess["crop_pct"]), int(width / preprocess["crop_pct"]))
+    return A.Compose([
+        A.SmallestMaxSize(max_size_hw=scale_hw, interpolation=interpolation),
+        A.CenterCrop(height=height, width=width),
+        ToTensorV2(),
+    ])
+
+
+def _instantiate(step: dict[str, Any], preprocess: dict) -> A.BasicTransform:
+    target = step.pop("_target_", None)
+    if not target:
+        raise UserError(f"augment step {step} has no _target_ (e.g. _target_: albumentations.HorizontalFlip).")
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise UserError(f"augment step: unknown transform {target}. Use a class of albumentations, "
+                        "e.g. albumentations.RandomResizedCrop.") from None
+    _fill_sizes(cls, step, preprocess)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            transform = cls(**step)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"augment step {target}: {_first_line(error)}") from None
+    invalid = [str(w.message) for w in caught if "not valid for transform" in str(w.message)]
+    if invalid:
+        raise UserError(f"augment step {target}: {invalid[0]} (albumentations 2.x names: size=(h, w), fill=...).")
+    return transform
+
+
+def _fill_sizes(cls: type, step: dict, preprocess: dict) -> None:
+    height, width = preprocess["input_size"][1:]
+    params = inspect.signature(cls).parameters
+    if "size" in params and step.get("size") is None:
+        step["size"] = (height, width)
+    for key, value in (("height", height), ("width", width)):
+        if key in params and step.get(key) is None:
+            step[key] = value
+    if "interpolation" in params and "interpolation" not in step:
+        step["interpolation"] = INTERPOLATION[preprocess["interpolation"]]
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation and detection: masks follow every geometric step (nearest-neighbour, albumentations' default
+# for masks), areas a step invents (rotation borders, padding, cutout) become the ignore index instead of
+# background, and boxes go through A.BboxParams (COCO [x, y, w, h], clipped, dropped below `min_visibility`).
+# Evaluation resizes the whole image to the input size: a centre crop would cut off pixels and objects that
+# the metrics and predictions must cover.
+
+IGNORE_INDEX = 255
+
+
+def build_dense_transform(steps: list[dict] | None, preprocess: dict, boxes: bool = False,
+                          min_visibility: float = 0.0, mask_fill: int = IGNORE_INDEX) -> A.Compose:
+    """The training pipeline from a preset's `steps`, or the evaluation pipeline when `steps` is None.
+
+    Call it as `transform(image=..., mask=...)` and, with `boxes`, `bboxes=[[x, y, w, h], ...], labels=[...]`
+    (the labels come back as floats: albumentations' habit)."""
+    if steps is None:
+        height, width = preprocess["input_size"][1:]
+        transforms = [A.Resize(height=height, width=width, interpolation=INTERPOLATION[preprocess["interpolation"]]),
+                      ToTensorV2()]
+    else:
+        transforms = list(build_train_transform([_with_mask_fill(step, mask_fill) for step in steps],
+                                                preprocess).transforms)
+    bbox_params = A.BboxParams(format="coco", label_fields=["labels"], min_visibility=min_visibility, clip=True,
+                               filter_invalid_bboxes=True) if boxes else None
+    return A.Compose(transforms, bbox_params=bbox_params)
+
+
+def _with_mask_fill(step: dict, mask_fill: int) -> dict:
+    """The step with `fill_mask` set to the ignore index where the transform takes one and the preset is
+    silent: pixels a transform makes up belong to no class."""
+    step = dict(step)
+    target = step.get("_target_")
+    if target and "fill_mask" not in step:
+        try:
+            parameters = inspect.signature(get_class(target)).parameters
+        except Exception:  # an unknown name: build_train_transform says so with the fix
+            return step
+        if "fill_mask" in parameters:
+            step["fill_mask"] = mask_fill
+    return step

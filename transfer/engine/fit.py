@@ -1,0 +1,179 @@
+"""`train(cfg, run_dir)`: the one training run for every task, top to bottom — set-up, resume, epochs with
+validation every `trainer.eval_every`, best.pt by the monitor, early stop, interrupt, and the final
+evaluation of the best weights on every held-out split. The task (transfer/tasks) brings what differs."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from transfer.checkpoint import final_weights, load_checkpoint, remove_temporaries
+from transfer.config import to_dict
+from transfer.distributed import is_main
+from transfer.engine.interrupt import Interrupted, StopSignal
+from transfer.engine.loop import Loop
+from transfer.engine.monitor import Monitor, build_monitor
+from transfer.engine.rundir import SkippedFiles, log, write_epochs, write_run_info
+from transfer.engine.setup import Setup, build_setup, seed_everything
+from transfer.engine.state import NonFiniteError, check_finite, fresh_state, last_good, resume, save_progress
+from transfer.engine.techniques import Techniques
+from transfer.errors import UserError
+from transfer.files import write_json
+from transfer.metrics.plots import plot_curves
+from transfer.models.backbone import count_parameters
+from transfer.tasks.base import Evaluation
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Fine-tune as configured, write the run directory, return the final metrics."""
+    setup = build_setup(cfg)
+    task, data = setup.task, setup.data
+    monitor = build_monitor(cfg.trainer.monitor, cfg.trainer.get("monitor_mode") or "auto",
+                            task.metric_modes(data.classes), validated="val" in setup.loaders)
+    # a cheaper way to the same updates where the task has one (classification's linear probe on cached features)
+    model, loaders, runtime, shortcut_seconds = task.shortcut(cfg, setup.model, data, setup.loaders, setup.runtime,
+                                                              run_dir, log)
+    kit = Techniques(cfg, model, setup.plan, task, loaders["train"], runtime, run_dir, log)
+    meta = {"task": task.name, "classes": data.classes, "preprocess": setup.preprocess,
+            "weights_source": setup.weights_source, "config": to_dict(cfg), **task.checkpoint_entries(),
+            **kit.checkpoint_entries()}
+    # resume before anything is written: a refused resume leaves its run directory as it was
+    state = fresh_state(shortcut_seconds)
+    if cfg.trainer.resume:
+        state.update(resume(cfg.trainer.resume, model, kit.optimizer, kit.scaler, meta, run_dir) or {})
+        kit.resume(state)
+        # timm schedules are functions of the update count: follow this run's length (trainer.epochs may have
+        # grown), not the checkpoint's, and set the learning rate of the next update
+        kit.scheduler.step_update(num_updates=state["epoch"] * len(loaders["train"]) + state["step"])
+    total, trainable = count_parameters(model)
+    splits = {name: len(dataset) for name, dataset in data.datasets.items()}
+    write_run_info(run_dir, meta, splits, data.description, total, trainable)
+    log(f"{task.name}: {cfg.model.name} ({setup.weights_source}), {trainable:,}/{total:,} parameters trained, "
+        f"{len(data.classes)} classes, splits {splits}, input {setup.preprocess['input_size'][1:]}, device "
+        f"{runtime.device}{', amp ' + str(runtime.amp_dtype).split('.')[-1] if runtime.amp_dtype else ''}, "
+        f"best.pt by {monitor.name} ({monitor.mode})")
+    skipped = SkippedFiles(run_dir)
+    skipped.add(data.skipped)
+    if is_main():
+        remove_temporaries(run_dir)  # left by a run killed while saving; we hold the run directory's lock
+    run = dataclasses.replace(setup, model=model, loaders=loaders, runtime=runtime)
+    try:
+        best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped)
+        return finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None)
+    except NonFiniteError as error:
+        raise UserError(f"{error}. The last good checkpoint is {last_good(run_dir, state.get('resumed_from'))}. "
+                        "Lower optim.lr, set trainer.grad_clip or check the data; or let up to N such steps be "
+                        "skipped with trainer.max_bad_steps=N.") from None
+    finally:
+        skipped.report()
+
+
+def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, meta: dict, state: dict,
+               run_dir: Path, skipped: SkippedFiles) -> Evaluation | None:
+    """The epochs from where `state` stands; returns the val evaluation of the best weights when it was the
+    last epoch's (the final report then needs no second pass)."""
+    loop = Loop(run.model, run.task, kit, run.runtime, cfg, skipped)
+    loaders, epochs, best_val = run.loaders, cfg.trainer.epochs, None
+    with StopSignal() as stop:
+        for epoch in range(state["epoch"], epochs):
+            started = time.perf_counter()
+            if not state["step"]:  # a mid-epoch resume continues the saved random streams instead
+                seed_everything(cfg.seed * 1_000 + epoch)  # dropout / drop-path: keyed by epoch, exact on resume
+            earlier = (state["partial"] or {}).get("seconds", 0.0)
+            result = loop.train_epoch(loaders["train"], epoch, state, stop)
+            if result is None:  # stopped between two steps: save the position, not an epoch
+                state["train_seconds"] += time.perf_counter() - started
+                state["partial"]["seconds"] = earlier + time.perf_counter() - started
+                meta.update(kit.checkpoint_entries())  # the EMA weights as of this step
+                save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, False)
+                raise interrupted(stop, run_dir, epoch, state["step"], len(loaders["train"]), epochs)
+            check_finite(run.model, epoch + 1)  # before validation, whose metrics cannot take NaN outputs
+            row, evaluation = {"epoch": epoch + 1, **result}, None
+            if "val" in loaders and ((epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == epochs):
+                evaluation = validate(run, kit, row, skipped)
+            row["seconds"] = time.perf_counter() - started
+            state["train_seconds"] += row["seconds"]
+            row["seconds"] += earlier
+            state["history"].append(row)
+            improved = monitor.improved(kit.scored(row, monitor), state)  # with EMA, the better weights compete
+            if improved:
+                best_val = evaluation
+            state["epoch"], state["step"], state["partial"] = epoch + 1, 0, None
+            write_epochs(run_dir, state["history"])
+            meta.update(kit.checkpoint_entries())
+            save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
+            log(summary(row, epochs, monitor.name, improved))
+            if stop.requested:
+                raise interrupted(stop, run_dir, epoch + 1, 0, len(loaders["train"]), epochs)
+            if state["epoch"] < epochs and monitor.should_stop(cfg.trainer.get("early_stop_patience"), state):
+                log(f"early stop: {monitor.name} has not improved for {state['epoch'] - state['best_epoch']} epochs "
+                    f"(trainer.early_stop_patience={cfg.trainer.early_stop_patience}); best epoch {state['best_epoch']}")
+                break
+    return best_val
+
+
+def validate(run: Setup, kit: Techniques, row: dict, skipped: SkippedFiles) -> Evaluation:
+    """val/* of the model (and val_ema/* of the EMA weights) into `row`."""
+    evaluation = run.task.evaluate(run.model, run.loaders["val"], run.runtime)
+    skipped.add(evaluation.skipped)
+    row.update(prefixed(evaluation.metrics, "val"))
+    if kit.ema is not None:
+        row.update(prefixed(run.task.evaluate(kit.ema.module, run.loaders["val"], run.runtime).metrics, "val_ema"))
+    return evaluation
+
+
+def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: Path, skipped: SkippedFiles,
+           best_val: Evaluation | None) -> dict[str, float]:
+    """Evaluate the best weights on every held-out split; reports, pictures, metrics.json and the curves."""
+    best_path = run_dir / "best.pt"
+    if best_path.exists():
+        run.model.load_state_dict(final_weights(load_checkpoint(best_path)))  # the EMA's when they were best
+    metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
+    tta = cfg.trainer.get("tta") or "none"
+    runtime = dataclasses.replace(run.runtime, tta=tta)
+    for split in ("val", "test"):
+        if split not in run.loaders:
+            continue
+        reuse = split == "val" and best_val is not None and tta == "none"
+        evaluation = best_val if reuse else run.task.evaluate(run.model, run.loaders[split], runtime)
+        skipped.add(evaluation.skipped)
+        metrics.update(prefixed(evaluation.metrics, split))
+        if is_main():
+            run.task.report(run_dir / "reports", split, evaluation)
+    if is_main():
+        count = int(cfg.task.get("overlays") or 0)
+        shown = next((split for split in ("val", "test", "train") if split in run.data.datasets))
+        if count:
+            run.task.draw(run.model, run.data.datasets[shown], run_dir / "overlays", run.runtime, count)
+        write_json(run_dir / "metrics.json", metrics)
+        plot_curves(state["history"], monitor.name, run_dir / "curves.png")
+    headline = {key: round(value, 4) for key, value in metrics.items()
+                if "/" in key and key.split("/", 1)[1] in run.task.metric_modes(run.data.classes)
+                and not key.endswith("/loss") and key.count("/") == 1}
+    log(f"done in {state['train_seconds']:.1f}s of training; best epoch {metrics['best_epoch']}; {headline}; "
+        f"run directory {run_dir}")
+    return metrics
+
+
+def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
+    return {f"{split}/{key}": value for key, value in metrics.items()}
+
+
+def summary(row: dict, epochs: int, monitor: str, improved: bool) -> str:
+    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"train loss {row['train/loss']:.4f}"]
+    parts += [f"{key.replace('/', ' ')} {row[key]:.4f}" for key in ("train/top1", "val/loss") if key in row]
+    if monitor in row and monitor != "val/loss":
+        parts.append(f"{monitor.replace('/', ' ')} {row[monitor]:.4f}")
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
+    return " | ".join(parts) + (" *" if improved else "")
+
+
+def interrupted(stop: StopSignal, run_dir: Path, epoch: int, step: int, steps: int, epochs: int) -> Interrupted:
+    """The exception that ends a run stopped by a signal, with the command that continues it."""
+    where = f"in epoch {epoch + 1}/{epochs} after step {step}/{steps}" if step else f"after epoch {epoch}/{epochs}"
+    command = ["transfer", "train", "--config", str(run_dir / "config.yaml"), f"trainer.resume={run_dir / 'last.pt'}"]
+    return Interrupted(f"interrupted {where}; last.pt written; resume with: {shlex.join(command)}", stop.exit_code)

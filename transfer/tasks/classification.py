@@ -1,0 +1,139 @@
+"""Image classification: one label per image, a timm classifier, cross-entropy, scikit-learn's metrics.
+
+Its own techniques: mixup / cutmix and label smoothing (tasks/mixing.py), class-weighted loss, the
+balanced sampler, test-time augmentation of evaluation (models/tta.py), and the linear-probe shortcut that
+trains the head on cached features (tasks/probe.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from transfer.data.augment import build_eval_transform
+from transfer.data.loaders import build_datasets, choose_split, eval_splits, index_data
+from transfer.data.sources import DataSplits
+from transfer.errors import UserError
+from transfer.metrics.classification import classification_metrics, write_report
+from transfer.models.backbone import build_model
+from transfer.models.inference import autocast, predict_logits
+from transfer.models.tta import with_tta
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+from transfer.tasks.mixing import Mixer, build_criterion
+from transfer.tasks.probe import train_on_features
+
+
+class Classification(Task):
+    name = "classification"
+
+    def __init__(self) -> None:
+        self.mixer: Mixer | None = None
+        self.criterion: nn.Module | None = None
+        self.top_k = 5
+        self.classes: list[str] = []
+        self.preprocess_used: dict | None = None
+
+    # ---- data and model
+
+    def build_data(self, cfg: DictConfig, preprocess: dict) -> TaskData:
+        splits = index_data(cfg.data)
+        data = build_datasets(splits, cfg.data, preprocess, OmegaConf.to_container(cfg.augment.train, resolve=True),
+                              cfg.seed)
+        self.classes = data.classes
+        return TaskData(data.classes, data.datasets, data.skipped, data.description)
+
+    def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[nn.Module, str]:
+        return build_model(num_classes=len(classes), **cfg.model)
+
+    def prepare(self, cfg: DictConfig, data: TaskData) -> None:
+        trainer = cfg.trainer
+        self.top_k = int(trainer.get("top_k") or 5)
+        self.mixer = Mixer(len(data.classes), trainer.label_smoothing, trainer.epochs, **dict(cfg.get("mixup") or {}))
+        if self.mixer.enabled and cfg.data.batch_size % 2:
+            raise UserError(f"mixup and cutmix mix pairs of images: data.batch_size={cfg.data.batch_size} must be "
+                            "even.")
+        labels = [record.label for record in data.datasets["train"].records]
+        self.criterion = build_criterion(trainer.label_smoothing, trainer.get("class_weight"), labels,
+                                         len(data.classes), self.mixer.enabled)
+        self.plain_criterion = build_criterion(trainer.label_smoothing, trainer.get("class_weight"), labels,
+                                               len(data.classes), mixing=False)
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["label"])
+
+    # ---- training
+
+    def training_step(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
+        labels = batch["label"].to(runtime.device, non_blocking=True)
+        images = runtime.normalize(batch["image"])
+        if runtime.mixing:
+            images, targets = self.mixer(images, labels, runtime.epoch)  # mixup/cutmix: soft targets
+            criterion = self.criterion
+        else:
+            targets, criterion = labels, self.plain_criterion
+        logits = model(images)
+        loss = criterion.to(logits.device)(logits, targets)
+        return loss, {"top1": (logits.detach().argmax(dim=1) == labels).sum().item()}
+
+    def shortcut(self, cfg, model, data, loaders, runtime, run_dir, log):
+        model, loaders, normalize, seconds = train_on_features(cfg, model, data, loaders, runtime.normalize,
+                                                               runtime.amp_dtype, runtime.device, run_dir, log)
+        return model, loaders, Runtime(runtime.device, runtime.amp_dtype, normalize), seconds
+
+    # ---- evaluation
+
+    def metric_modes(self, classes: list[str]) -> dict[str, str]:
+        modes = {"top1": "max", "balanced_accuracy": "max", "macro_f1": "max", "loss": "min"}
+        k = min(self.top_k, len(classes) - 1)
+        if k > 1:
+            modes[f"top{k}"] = "max"
+        return modes
+
+    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
+        logits, labels, _, skipped = predict_logits(with_tta(model, runtime.tta), loader, runtime.normalize,
+                                                    runtime.amp_dtype)
+        with warnings.catch_warnings():  # a folder with a subset of the classes (transfer eval) is expected
+            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+            metrics = classification_metrics(logits, labels, logits.shape[1], "x", self.top_k)
+        return Evaluation({key[2:]: value for key, value in metrics.items()}, skipped, (logits, labels))
+
+    def report(self, folder: Path, split: str, evaluation: Evaluation) -> None:
+        logits, labels = evaluation.outputs
+        write_report(folder, split, logits, labels, self.classes)
+
+    def eval_dataset(self, cfg: DictConfig, preprocess: dict, split: str | None, trained_root: str | None,
+                     classes: list[str]) -> tuple[str, Dataset, TaskData]:
+        """The training data split exactly as training split it, or a new data.root taken as it is (its split
+        folders, or all of its images: split=all); labels follow the checkpoint's class order by name. Decoded
+        through training's own dataset code (RAM cache included, since its shrinking changes pixels)."""
+        splits = eval_splits(cfg.data, trained_root, classes)
+        chosen = choose_split(split, splits)
+        records = [r for rs in splits.splits.values() for r in rs] if chosen == "all" else splits.splits[chosen]
+        if not records:
+            raise UserError(f"split {chosen} of {splits.description} has no images. Choose another split=.")
+        only = DataSplits(splits.classes, {"eval": records}, splits.skipped, splits.description)
+        built = build_datasets(only, cfg.data, preprocess, [], seed=0)  # every split but train: the eval transform
+        self.classes = list(classes)
+        return chosen, built.datasets["eval"], TaskData(list(classes), built.datasets, built.skipped,
+                                                        splits.description)
+
+    def restore(self, checkpoint: dict) -> None:
+        self.classes, self.preprocess_used = list(checkpoint["classes"]), dict(checkpoint["preprocess"])
+        self.top_k = int(checkpoint["config"].get("trainer", {}).get("top_k") or 5)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[np.ndarray], runtime: Runtime) -> list[np.ndarray]:
+        """Class probabilities of each image, through the evaluation transform (the pixels eval sees)."""
+        model.eval()
+        transform = build_eval_transform(self.preprocess_used)
+        batch = torch.stack([transform(image=image)["image"] for image in images])
+        with autocast(runtime.device, runtime.amp_dtype):
+            logits = with_tta(model, runtime.tta)(runtime.normalize(batch))
+        return list(logits.float().softmax(dim=1).cpu().numpy())

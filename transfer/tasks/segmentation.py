@@ -1,0 +1,198 @@
+"""Semantic segmentation: image / mask folder pairs (data/masks.py), an FPN decoder on a timm backbone
+(models/segmenter.py), cross-entropy over labelled pixels, mIoU (metrics/segmentation.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import nn
+from torch.utils.data import default_collate
+
+from transfer.data.augment import IGNORE_INDEX, build_dense_transform
+from transfer.data.dataset import split_bad
+from transfer.data.masks import CLASSES_FILE, PairDataset, index_pairs, load_all, mask_path
+from transfer.errors import UserError
+from transfer.files import atomic_path, write_text
+from transfer.metrics.segmentation import batch_confusion, segmentation_metrics
+from transfer.models.features import build_backbone
+from transfer.models.segmenter import SegmentationModel, levels_from_stride
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+
+OVERLAY_HEIGHT = 256
+# keys of the classification loop that have no meaning for a dense task (shared by detection)
+DENSE_UNSUPPORTED = {
+    "trainer.class_weight": ((), "class-weighted loss is for classification (trainer.class_weight=null)"),
+    "trainer.tta": ((), "test-time augmentation is for classifiers (trainer.tta=none)"),
+    "trainer.top_k": ((), "top-k accuracy is a classification metric (trainer.top_k=null)"),
+    "trainer.feature_cache": (("off",), "the feature cache serves classification's linear probe "
+                                        "(trainer.feature_cache=auto)"),
+    "data.sampler": (("random",), "the balanced sampler needs one class per image (data.sampler=random)"),
+    "data.cache": (("ram",), "dense tasks keep decoded images in memory or read them each epoch "
+                             "(data.cache=ram or none)"),
+    "data.cache_dir": ((), "it holds classification's disk cache and features (data.cache_dir=null)"),
+    "model.drop_rate": ((), "it is a classifier head's dropout and dense heads have none (model.drop_rate=null; "
+                            "model.drop_path_rate works)"),
+    "mixup.mixup_alpha": ((), "mixup mixes image labels, not masks or boxes (mixup=none)"),
+    "mixup.cutmix_alpha": ((), "cutmix mixes image labels, not masks or boxes (mixup=none)"),
+}
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    unsupported = {**DENSE_UNSUPPORTED,
+                   "data.allow_outside_root": ((), "segmentation reads folders, never files outside data.root "
+                                                    "(data.allow_outside_root=false)")}
+
+    def __init__(self) -> None:
+        self.classes: list[str] = []
+        self.ignore_index = IGNORE_INDEX
+        self.label_smoothing = 0.0
+        self.preprocess_used: dict | None = None
+
+    # ---- data and model
+
+    def build_data(self, cfg: DictConfig, preprocess: dict) -> TaskData:
+        """Index the pairs, check them all up front (data.cache=ram), attach the pipelines."""
+        self.ignore_index, self.preprocess_used = int(cfg.task.ignore_index), preprocess
+        self.label_smoothing = float(cfg.trainer.get("label_smoothing") or 0.0)
+        classes, splits = index_pairs(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction,
+                                      cfg.data.split_seed)
+        self.classes = classes
+        strict, skipped, cache = cfg.data.on_bad_image == "error", list(splits.skipped), None
+        records = splits.splits
+        if cfg.data.cache != "none":
+            cache, bad = load_all([r for rs in records.values() for r in rs], len(classes), self.ignore_index, strict)
+            skipped += bad
+            bad_paths = {path for path, _ in bad}
+            records = {name: [r for r in rs if r.source not in bad_paths and str(mask_path(r.source)) not in bad_paths]
+                       for name, rs in records.items()}
+        steps = OmegaConf.to_container(cfg.augment.train, resolve=True)
+        datasets = {name: PairDataset(rs, build_dense_transform(steps if name == "train" else None, preprocess,
+                                                                mask_fill=self.ignore_index),
+                                      len(classes), self.ignore_index, cache,
+                                      seed=cfg.seed if name == "train" else None, strict=strict)
+                    for name, rs in records.items()}
+        if not len(datasets["train"]):
+            raise UserError(f"data.root={cfg.data.root}: no usable training pair (see the skipped list).")
+        return TaskData(classes, datasets, skipped, splits.description)
+
+    @staticmethod
+    def collate(samples: list) -> dict:
+        """'image': uint8 (normalised on the device, as classification); 'mask': long class indices."""
+        good, bad = split_bad(samples)
+        batch = default_collate(good) if good else {"image": torch.empty(0, 3, 1, 1, dtype=torch.uint8),
+                                                    "mask": torch.empty(0, 1, 1), "index": torch.empty(0).long()}
+        return {**batch, **bad}
+
+    def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[nn.Module, str]:
+        out_indices = cfg.task.get("out_indices") or levels_from_stride(cfg.model.name)
+        backbone, source = build_backbone(cfg.model.name, cfg.model.pretrained, str(cfg.model.weights),
+                                          list(out_indices), cfg.model.get("drop_path_rate"))
+        return SegmentationModel(backbone, len(classes), int(cfg.task.decoder_channels)), source
+
+    # ---- training and evaluation
+
+    def training_step(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
+        logits = model(runtime.normalize(batch["image"]))
+        masks = batch["mask"].to(runtime.device, non_blocking=True)
+        return F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index,
+                               label_smoothing=self.label_smoothing), {}
+
+    def metric_modes(self, classes: list[str]) -> dict[str, str]:
+        return {"miou": "max", "pixel_accuracy": "max", "loss": "min", **{f"iou/{name}": "max" for name in classes}}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
+        """Float32 (the summed confusion matrix needs no speed-up that costs precision)."""
+        model.eval()
+        count = len(self.classes)
+        matrix, loss_sum, pixels, skipped = np.zeros((count, count), np.int64), 0.0, 0, []
+        for batch in loader:
+            skipped += batch["skipped"]
+            if not len(batch["index"]):
+                continue
+            logits = model(runtime.normalize(batch["image"])).float()
+            masks = batch["mask"].to(runtime.device)
+            loss_sum += float(F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="sum"))
+            pixels += int((masks != self.ignore_index).sum())
+            matrix += batch_confusion(masks.cpu(), logits.argmax(1).cpu(), count, self.ignore_index)
+        return Evaluation({"loss": loss_sum / max(pixels, 1), **segmentation_metrics(matrix, self.classes)}, skipped)
+
+    @torch.no_grad()
+    def draw(self, model: nn.Module, dataset: PairDataset, folder: Path, runtime: Runtime, count: int) -> None:
+        """image | ground truth | prediction, at the input size, for the first `count` usable samples."""
+        model.eval()
+        table, written = palette(len(self.classes)), 0
+        for index in range(len(dataset)):
+            if written >= count:
+                break
+            sample = dataset[index]
+            if not isinstance(sample, dict):
+                continue
+            image = sample["image"].permute(1, 2, 0).numpy()
+            predicted = model(runtime.normalize(sample["image"][None])).argmax(1)[0].cpu().numpy().astype(np.uint8)
+            truth = sample["mask"].numpy().astype(np.uint8)
+            panel = np.concatenate([image, overlay(image, truth, table), overlay(image, predicted, table)], axis=1)
+            zoom = max(1, OVERLAY_HEIGHT // panel.shape[0])  # small inputs drawn large enough to see
+            picture = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
+            with atomic_path(folder / f"{Path(dataset.records[index].source).stem}.png") as temporary:
+                picture.save(temporary, format="PNG")
+            written += 1
+
+    def checkpoint_entries(self) -> dict:
+        return {"ignore_index": self.ignore_index}
+
+    def restore(self, checkpoint: dict) -> None:
+        self.classes = list(checkpoint["classes"])
+        self.preprocess_used = dict(checkpoint["preprocess"])
+        self.ignore_index = int(checkpoint.get("ignore_index", IGNORE_INDEX))
+
+    # ---- prediction
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: list[np.ndarray], runtime: Runtime) -> list[np.ndarray]:
+        """H×W uint8 class-index masks, each the size of its input image."""
+        model.eval()
+        transform = build_dense_transform(None, self.preprocess_used)
+        masks = []
+        for image in images:
+            logits = model(runtime.normalize(transform(image=image)["image"][None]))
+            logits = F.interpolate(logits.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+            masks.append(logits.argmax(1)[0].to(torch.uint8).cpu().numpy())
+        return masks
+
+    def write_predictions(self, chunks: Iterable[tuple[list[str], list[np.ndarray]]], out: Path) -> int:
+        """OUT/NAME.png per image (pixel = class index, as the training masks) and OUT/classes.txt, written chunk
+        by chunk of (names, masks), each file atomically. Returns the number of images; none: no files."""
+        count = 0
+        for names, masks in chunks:
+            if not count:
+                write_text(out / CLASSES_FILE, "\n".join(self.classes) + "\n")
+            for mask, name in zip(masks, names):
+                with atomic_path(out / f"{name}.png") as temporary:
+                    Image.fromarray(mask).save(temporary, format="PNG")
+            count += len(names)
+        return count
+
+
+def palette(count: int) -> np.ndarray:
+    """256×3 uint8 colours (matplotlib's tab20, background black); the ignore index draws white."""
+    colours = (np.array([colormaps["tab20"](i % 20)[:3] for i in range(count)]) * 255).astype(np.uint8)
+    colours[0] = 0
+    table = np.full((256, 3), 255, np.uint8)
+    table[:count] = colours
+    return table
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """The image with class colours blended over the labelled pixels."""
+    colours = table[mask].astype(np.float32)
+    labelled = (mask > 0)[..., None]
+    return np.where(labelled, 0.45 * image + 0.55 * colours, image).astype(np.uint8)
