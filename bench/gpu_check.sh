@@ -28,7 +28,7 @@ RESULTS=${OUT:-bench/out}/gpu_check.txt
 mkdir -p "$(dirname "$RESULTS")"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 
-if ! $PYTHON -c "import transfer.train" 2>/dev/null; then
+if ! $PYTHON -c "import transfer.engine.fit" 2>/dev/null; then
     if [ -d "$WHEELS" ]; then
         $PYTHON -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation --no-compile "$WHEELS"/transfer-*.whl \
             || { echo "gpu_check: installing from $WHEELS failed (see above)"; exit 1; }

@@ -5,7 +5,7 @@
     python -m bench.throughput --model resnet50 --size 224 --batch 128 --amp bf16 --compile   # on a GPU
 
 For one model, input size and batch size it measures, in one process:
-  (a) compute-only images/s: the real training step (`transfer.train.Loop.step`: normalise, forward,
+  (a) compute-only images/s: the real training step (`transfer.engine.loop.Loop.step`: normalise, forward,
       loss, backward, optimizer step) on one uint8 batch already in memory;
   (b) end-to-end images/s: whole epochs of the real loop (`Loop.train_epoch`) fed by the real
       pipeline from an image folder (index, decode or cache, augment, collate, step);
@@ -65,7 +65,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 
 
 def build(args: argparse.Namespace, extra: list[str]):
-    """The objects `transfer.train.train` builds, from the same config."""
+    """The config `transfer train` composes for these settings."""
     from transfer.config import compose, without_hydra
 
     overrides = [f"data.root={args.root}", "model=timm", f"model.name={args.model}", f"augment={args.augment}",
@@ -109,22 +109,25 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
 
     from transfer.data.loaders import build_loader, resolve_workers
     from transfer.models.inference import autocast, fold_batchnorm, predict_logits
+    from transfer.engine.loop import Loop
+    from transfer.engine.rundir import SkippedFiles
+    from transfer.engine.setup import build_setup
+    from transfer.engine.state import fresh_state
     from transfer.engine.techniques import Techniques
-    from transfer.train import Loop, build_pipeline
 
     cfg = build(args, extra)
     started = time.perf_counter()
     said = io.StringIO()
     with contextlib.redirect_stdout(said):  # the cache's one line goes into ours
-        built = build_pipeline(cfg)  # exactly what `transfer train` builds: data, model, strategy, loaders
+        built = build_setup(cfg)  # exactly what `transfer train` builds: task, data, model, strategy, loaders
     setup_seconds = time.perf_counter() - started
-    device, amp_dtype, data, model = built.device, built.amp_dtype, built.data, built.model
-    preprocess, normalize = built.preprocess, built.normalize
+    runtime, data, model, task = built.runtime, built.data, built.model, built.task
+    device, amp_dtype, normalize, preprocess = runtime.device, runtime.amp_dtype, runtime.normalize, built.preprocess
     workers = resolve_workers(cfg.data.num_workers)
     train_loader = _instrumented(built.loaders["train"], args.max_steps)
-    kit = Techniques(cfg, model, built.plan, data, train_loader, normalize, amp_dtype, device, None,
-                     log=lambda _: None)
-    loop = Loop(model, kit.optimizer, kit.scheduler, kit.criterion, normalize, amp_dtype, cfg, device, kit=kit)
+    kit = Techniques(cfg, model, built.plan, task, train_loader, runtime, None, log=lambda _: None)
+    run_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    loop = Loop(model, task, kit, runtime, cfg, SkippedFiles(run_dir / "throughput-bench"))
     steps = len(train_loader)
 
     side = preprocess["input_size"][1:]
@@ -139,19 +142,18 @@ def measure(args: argparse.Namespace, extra: list[str]) -> dict:
         model.train()
         synchronize(device)
         started = time.perf_counter()
+        batch = {"image": images, "label": labels}
         for step in range(count):
             kit.at(0, step % steps, steps)
-            loop.step(images, labels.to(device, non_blocking=True))
+            loop.step(batch, runtime)
         synchronize(device)
         return time.perf_counter() - started
-
-    run_dir = Path(os.environ.get("TMPDIR", "/tmp"))
 
     def pipeline_epoch(epoch: int) -> tuple[float, int]:
         """One real epoch of the loop over the real loader."""
         synchronize(device)
         started = time.perf_counter()
-        loop.train_epoch(train_loader, epoch, run_dir)
+        loop.train_epoch(train_loader, epoch, fresh_state())
         synchronize(device)
         return time.perf_counter() - started, steps * cfg.data.batch_size
 

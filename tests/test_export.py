@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from transfer import export as export_module
-from transfer.export import formats as export_formats
+from transfer import exports as export_module
+from transfer.exports import formats as export_formats
 from transfer.checkpoint import load_checkpoint, save_checkpoint
 from transfer.cli import main
 from transfer.config import compose, to_dict
 from transfer.errors import UserError
-from transfer.export.exported import is_exported, load_exported_predictor
+from transfer.exports.exported import is_exported, load_exported_predictor
 from transfer.models.inference import Normalizer
 from transfer.models.backbone import build_model, model_from_checkpoint, resolve_preprocess
 from transfer.models.converters import package_for

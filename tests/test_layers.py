@@ -3,7 +3,7 @@
 Layers, top to bottom; a module may import transfer modules of its own layer or of layers below it:
 
     command  transfer (the package __init__), transfer.__main__, transfer.api, transfer.cli[.*]
-    export   transfer.export[.*]
+    export   transfer.exports[.*]  (the package is plural: `transfer.export` is the API function)
     engine   transfer.engine.*
     tasks    transfer.tasks.*
     parts    transfer.data.*, transfer.models.*, transfer.metrics.*
@@ -28,7 +28,7 @@ LAYERS = ("command", "export", "engine", "tasks", "parts", "ground")  # top to b
 # The name right under transfer decides the layer, for a module and for everything inside a package.
 PLACES = {
     "__main__": "command", "api": "command", "cli": "command",
-    "export": "export",
+    "exports": "export",
     "engine": "engine",
     "tasks": "tasks",
     "data": "parts", "models": "parts", "metrics": "parts",

@@ -26,7 +26,7 @@ from transfer.config import compose, without_hydra
 from transfer.data.images import read_rgb
 from transfer.engine.inference import Loaded, load_for_inference
 from transfer.engine.rundir import make_run_dir
-from transfer.export import FORMATS, export as export_format, load_source
+from transfer.exports import FORMATS, export as export_format, load_source
 
 __all__ = ["Model", "Run", "export", "load", "predict", "train"]
 
@@ -95,7 +95,7 @@ def predict(checkpoint: str | Path, images: list, device: str | torch.device = "
 
 def export(checkpoint: str | Path, format: str, out: str | Path, weights: str = "auto",
            overwrite: bool = False) -> Path:
-    """Write one export format (see `transfer.export.FORMATS`) of a checkpoint to the folder `out`, checked by a
+    """Write one export format (see `transfer.exports.FORMATS`) of a checkpoint to the folder `out`, checked by a
     round trip before it appears; returns the folder."""
     if format not in FORMATS:
         raise ValueError(f"format={format}: choose one of {', '.join(FORMATS)}")

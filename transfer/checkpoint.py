@@ -164,3 +164,17 @@ def unwrapped(state: dict) -> dict:
 def final_weights(checkpoint: dict) -> dict:
     """The weights a run's evaluation uses: the EMA's when they were best, else the model's."""
     return choose_weights(checkpoint, "auto")[0]
+
+
+class CheckpointFacts:
+    """What a checkpoint says of the model it holds, for the objects built around one (`self.checkpoint`)."""
+
+    checkpoint: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.checkpoint["classes"])
+
+    @property
+    def preprocess(self) -> dict:
+        return dict(self.checkpoint["preprocess"])

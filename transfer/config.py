@@ -59,14 +59,18 @@ def compose(overrides: list[str] | None = None, with_hydra: bool = False,
         if not path.is_file():
             raise UserError(f"--config {config_file}: no such file (a run directory's config.yaml).")
         folder, name = str(path.parent), path.stem
-    GlobalHydra.instance().clear()
+    hydra = GlobalHydra.instance()
+    callers = hydra.hydra if hydra.is_initialized() else None  # a caller's own Hydra app is put back afterwards
+    hydra.clear()
     try:
         with initialize_config_dir(config_dir=folder, version_base="1.3"):
             cfg = hydra_compose(name, overrides=overrides, return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(explain_override_error(str(error), overrides)) from None
-    finally:
+    finally:  # Hydra's context manager puts back its own copy of the global state: work on the current one
         GlobalHydra.instance().clear()
+        if callers is not None:
+            GlobalHydra.instance().initialize(callers)
     return cfg
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from transfer.checkpoint import WEIGHT_CHOICES
 from transfer.cli.options import reject_unknown, split_options
 from transfer.errors import UserError
-from transfer.export import FORMATS, Check, check_dense_formats, export, load_source, prepare_output
+from transfer.exports import FORMATS, Check, check_dense_formats, export, load_source, prepare_output
 
 KEYS = ("checkpoint", "format", "out", "weights", "overwrite")
 USAGE = ("transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all [out=DIR] "

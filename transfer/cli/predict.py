@@ -25,7 +25,7 @@ from transfer.data.loaders import build_loader
 from transfer.data.sources import Record
 from transfer.engine.inference import Loaded, load_for_inference
 from transfer.errors import UserError
-from transfer.export.exported import is_exported, load_exported_predictor
+from transfer.exports.exported import is_exported, load_exported_predictor
 from transfer.files import write_csv
 from transfer.models.inference import autocast
 

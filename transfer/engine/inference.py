@@ -10,26 +10,18 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transfer.checkpoint import final_weights
+from transfer.checkpoint import CheckpointFacts, final_weights
 from transfer.engine.setup import build_runtime
 from transfer.tasks import build_task
 from transfer.tasks.base import Runtime, Task
 
 
 @dataclass
-class Loaded:
+class Loaded(CheckpointFacts):
     task: Task
     model: nn.Module
     runtime: Runtime
     checkpoint: dict
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.checkpoint["classes"])
-
-    @property
-    def preprocess(self) -> dict:
-        return dict(self.checkpoint["preprocess"])
 
 
 def load_for_inference(checkpoint: dict, device: torch.device | str = "auto") -> Loaded:

@@ -45,8 +45,10 @@ class Techniques:
                                         len(train_loader), self.accumulate)
         fp16 = runtime.amp_dtype == torch.float16 and runtime.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
-        if trainer.get("compile"):
-            task.compile(model)
+        backend = compile_backend(trainer.get("compile"))
+        if backend:
+            task.compile(model, backend)
+            log(f"trainer.compile: torch.compile with backend {backend} (the first steps and evaluations compile)")
         self.best_is_ema = self.ema is not None
         self.epoch, self.step, self.steps = 0, 0, 1
 
@@ -114,3 +116,16 @@ class Techniques:
         saved = state.get("model_ema")
         self.ema.load_state_dict(saved if saved is not None else self.model.state_dict())
         self.best_is_ema = bool(state.get("best_is_ema", True))
+
+
+def compile_backend(setting) -> str | None:
+    """trainer.compile: false, true (torch's default backend, inductor) or a backend's name (eager, aot_eager …)."""
+    if setting in (None, False):
+        return None
+    if setting is True:
+        return "inductor"
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if str(setting) not in backends:
+        raise UserError(f"trainer.compile={setting}: give true, false or a torch.compile backend: "
+                        f"{', '.join(backends)}.")
+    return str(setting)

@@ -139,9 +139,9 @@ class Task:
                             "Choose one with split=test|val, or give data.root a test/ folder (or data.test_fraction > 0).")
         return chosen, data.datasets[chosen], data
 
-    def compile(self, model: nn.Module) -> None:
+    def compile(self, model: nn.Module, backend: str) -> None:
         """trainer.compile: torch.compile the model in place (state_dict keys stay the model's own)."""
-        model.compile()
+        model.compile(backend=backend)
 
     def shortcut(self, cfg: DictConfig, model: nn.Module, data: TaskData, loaders: dict, runtime: Runtime,
                  run_dir: Path, log) -> tuple[nn.Module, dict, Runtime, float]:

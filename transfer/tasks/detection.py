@@ -83,9 +83,9 @@ class Detection(Task):
                               center_sampling_radius=task.center_sampling_radius, score_thresh=task.score_thresh,
                               nms_thresh=task.nms_thresh, detections_per_img=task.detections_per_img), source
 
-    def compile(self, model: Detector) -> None:
+    def compile(self, model: Detector, backend: str) -> None:
         """The backbone only: FCOS's target assignment and post-processing are Python over lists of boxes."""
-        model.backbone.compile()
+        model.backbone.compile(backend=backend)
 
     # ---- training and evaluation
 

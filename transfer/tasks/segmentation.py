@@ -31,7 +31,7 @@ DENSE_UNSUPPORTED = {
     "trainer.class_weight": ((), "class-weighted loss is for classification (trainer.class_weight=null)"),
     "trainer.tta": ((), "test-time augmentation is for classifiers (trainer.tta=none)"),
     "trainer.top_k": ((), "top-k accuracy is a classification metric (trainer.top_k=null)"),
-    "trainer.feature_cache": (("off",), "the feature cache serves classification's linear probe "
+    "trainer.feature_cache": ((), "the feature cache serves classification's linear probe "
                                         "(trainer.feature_cache=auto)"),
     "data.sampler": (("random",), "the balanced sampler needs one class per image (data.sampler=random)"),
     "data.cache": (("ram",), "dense tasks keep decoded images in memory or read them each epoch "

@@ -15,9 +15,9 @@ under a hidden temporary name beside the target and renamed into place only when
 """
 
 
-from transfer.export.formats import WRITERS, export
-from transfer.export.publish import prepare_output, staged_folder
-from transfer.export.source import FORMATS, Check, Source, check_dense_formats, load_source
+from transfer.exports.formats import WRITERS, export
+from transfer.exports.publish import prepare_output, staged_folder
+from transfer.exports.source import FORMATS, Check, Source, check_dense_formats, load_source
 
 __all__ = ["FORMATS", "WRITERS", "Check", "Source", "check_dense_formats", "export", "load_source", "prepare_output",
            "staged_folder"]

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from transfer.errors import UserError
-from transfer.export.card import model_card
-from transfer.export.publish import staged_folder
-from transfer.export.source import TOLERANCE, Check, Source
+from transfer.exports.card import model_card
+from transfer.exports.publish import staged_folder
+from transfer.exports.source import TOLERANCE, Check, Source
 
 ONNX_OPSET = 17
 PREPROCESS_FILE = "preprocess.json"

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from transfer.export.source import Check, Source
+from transfer.exports.source import Check, Source
 
 
 def model_card(source: Source, fmt: str, check: Check, out: Path, command: str) -> str:

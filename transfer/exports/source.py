@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from transfer.checkpoint import choose_weights, load_checkpoint
+from transfer.checkpoint import CheckpointFacts, choose_weights, load_checkpoint
 from transfer.errors import UserError
 from transfer.models.backbone import model_from_checkpoint
 from transfer.models.features import backbone_as_classifier
@@ -17,7 +17,7 @@ TOLERANCE = {"timm": 1e-5, "backbone": 1e-5, "onnx": 1e-4, "torchscript": 1e-4}
 
 
 @dataclass
-class Source:
+class Source(CheckpointFacts):
     """The fine-tuned model of one checkpoint, plus what its model card tells about it."""
 
     path: Path
@@ -30,14 +30,6 @@ class Source:
     @property
     def name(self) -> str:
         return self.checkpoint["config"]["model"]["name"]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.checkpoint["classes"])
-
-    @property
-    def preprocess(self) -> dict:
-        return dict(self.checkpoint["preprocess"])
 
 
 @dataclass
