@@ -14,6 +14,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,3 +309,42 @@ def test_only_validated_epochs_compete_for_best_and_early_stopping(folders, tmp_
     assert result.final()["best_epoch"] == 2  # the first validated epoch; the unvalidated epoch 1 is never best
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
     assert "early stop" in result.out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_inductor_compiles_every_task(task, folders, tmp_path) -> None:
+    """trainer.compile=true: torch's default backend generates code for the model (detection: its backbone);
+    minutes on CPU, hence -m slow. The run learns what the uncompiled run learns, to float rounding."""
+    result = cli([*folders[task][0], "trainer.compile=true"], tmp_path / "run")
+    plain = cli(folders[task][0], tmp_path / "plain")
+    assert result.code == 0 and "torch.compile with backend inductor" in result.out, result.err[-2000:]
+    assert result.loss() == pytest.approx(plain.loss(), rel=1e-3)
+    assert "_orig_mod" not in "".join(load_checkpoint(tmp_path / "run" / "best.pt")["model"])
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_augment_preview_draws_every_tasks_training_samples(task, folders, tmp_path) -> None:
+    from PIL import Image
+
+    args = [a for a in folders[task][0] if not a.startswith("trainer.")]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["augment-preview", *args, "augment=flip_crop", "n=4", f"out={tmp_path / 'grid.png'}"])
+    assert code == 0, err.getvalue()
+    assert "wrote 4 augmented training images" in out.getvalue()
+    with Image.open(tmp_path / "grid.png") as grid:
+        pixels = np.asarray(grid.convert("RGB"))
+    assert pixels.std() > 10  # not a blank page
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_lr_find_sweeps_every_tasks_own_loss(task, folders, tmp_path) -> None:
+    args = [a for a in folders[task][0] if not a.startswith("trainer.")]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["lr-find", *args, "lr_find.num_iter=8", f"out={tmp_path}"])
+    assert code == 0, err.getvalue()
+    sweep = json.loads((tmp_path / "lr_find.json").read_text())
+    assert len(sweep["lrs"]) >= 3 and all(np.isfinite(sweep["losses"][:3]))
+    assert sweep["lrs"][0] <= sweep["suggestion"] <= sweep["lrs"][-1] and "suggested optim.lr=" in out.getvalue()

@@ -2,6 +2,12 @@
 
 The run directory is made and locked here, before torch and timm load, so a mistake in it costs nothing;
 a run that fails on a user's mistake before its first checkpoint leaves no folder behind.
+
+Each run records what it was composed from in RUN/composition.yaml (the command-line overrides, the group
+choices Hydra made, and the run it was varied from), beside the resolved config.yaml. `--config RUN/config.yaml`
+reruns the saved config exactly; key overrides change single values of it; a group override (`augment=strong`,
+`model=timm`, `recipe=...`) recomposes from the recorded overrides plus the new ones, as composing all of them
+from scratch would, so the group is swapped whole.
 """
 
 from __future__ import annotations
@@ -12,26 +18,63 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from transfer.config import compose, without_hydra
+from transfer.config import compose, groups, without_hydra
 from transfer.engine.rundir import lock_run_dir, make_run_dir
 from transfer.errors import UserError
+from transfer.files import write_text
+
+COMPOSITION = "composition.yaml"
+NOT_RECORDED = ("hydra.run.dir", "trainer.resume")  # where and whether to continue: never carried to a new run
 
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # OSErrors the user can fix
 
 
 def train_command(arguments: list[str]) -> int:
     config_file, overrides, show_only = train_flags(arguments)
-    cfg = compose(overrides, with_hydra=True, config_file=config_file)
+    cfg, record = compose_run(overrides, config_file)
     if show_only:
         print(OmegaConf.to_yaml(without_hydra(cfg), resolve=True))
         return 0
     chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
     run_dir = make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume"))
-    train_in(without_hydra(cfg), run_dir)
+    train_in(without_hydra(cfg), run_dir, record)
     return 0
 
 
-def train_in(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def compose_run(overrides: list[str], config_file: str | None = None) -> tuple[DictConfig, dict]:
+    """(the config with Hydra's node, what it was composed from: RUN/composition.yaml's contents)."""
+    parent = None
+    if config_file is not None and any(is_group_override(item) for item in overrides):
+        parent = Path(config_file).expanduser().resolve().parent
+        overrides = recorded_overrides(parent) + overrides
+        config_file = None
+    cfg = compose(overrides, with_hydra=True, config_file=config_file)
+    choices = {group: choice for group, choice in cfg.hydra.runtime.choices.items() if not group.startswith("hydra/")}
+    if config_file is not None:  # the saved config itself (and key overrides on it): the parent's record continues
+        parent = Path(config_file).expanduser().resolve().parent
+        earlier = OmegaConf.load(parent / COMPOSITION) if (parent / COMPOSITION).is_file() else {}
+        overrides = [str(item) for item in earlier.get("overrides", [])] + overrides
+        choices = dict(earlier.get("choices", {}))
+    kept = [item for item in overrides if item.split("=", 1)[0].lstrip("+~") not in NOT_RECORDED]
+    return cfg, {"overrides": kept, "choices": choices, "parent": str(parent) if parent else None}
+
+
+def is_group_override(item: str) -> bool:
+    """`augment=strong`, `+recipe=x`, `~mixup`: a choice of a whole conf/ group rather than one key's value."""
+    key = item.split("=", 1)[0].lstrip("+~")
+    return "." not in key and key in groups()
+
+
+def recorded_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / COMPOSITION
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {COMPOSITION} (it was made before transfer recorded how runs are composed), "
+                        "so a group override cannot be applied to it. Rerun it as it is with --config alone, or compose "
+                        "afresh with the original overrides plus the new ones.")
+    return [str(item) for item in OmegaConf.load(path).get("overrides", [])]
+
+
+def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None) -> dict[str, float]:
     """Train into `run_dir` under its lock; a failure before the first checkpoint removes a folder made for it."""
     from transfer.engine.fit import train  # torch, timm: seconds to import, so only once the config is valid
 
@@ -40,6 +83,8 @@ def train_in(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         if not cfg.trainer.resume and (run_dir / "config.yaml").exists():  # another run got there first
             raise UserError(f"{run_dir} already holds a run. Choose another hydra.run.dir.")
         fresh = all(path.name == ".lock" for path in run_dir.iterdir())
+        if record is not None and not cfg.trainer.resume:
+            write_text(run_dir / COMPOSITION, OmegaConf.to_yaml(OmegaConf.create(record)))
         try:
             return train(cfg, run_dir)  # writes config.yaml once the data, model and any resume are checked
         except OSError as error:

@@ -139,6 +139,15 @@ class Task:
                             "Choose one with split=test|val, or give data.root a test/ folder (or data.test_fraction > 0).")
         return chosen, data.datasets[chosen], data
 
+    def preview_dataset(self, cfg: DictConfig, preprocess: dict, count: int) -> tuple[Dataset, list]:
+        """The training dataset `transfer augment-preview` draws `count` samples from, and files already skipped."""
+        data = self.build_data(cfg, preprocess)
+        return data.datasets["train"], list(data.skipped)
+
+    def picture(self, sample: dict) -> tuple[np.ndarray, str]:
+        """A training sample as an H×W×3 uint8 picture (its targets drawn on it) and a title."""
+        return sample["image"].permute(1, 2, 0).numpy(), ""
+
     def compile(self, model: nn.Module, backend: str) -> None:
         """trainer.compile: torch.compile the model in place (state_dict keys stay the model's own)."""
         model.compile(backend=backend)

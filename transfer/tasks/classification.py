@@ -124,6 +124,21 @@ class Classification(Task):
         return chosen, built.datasets["eval"], TaskData(list(classes), built.datasets, built.skipped,
                                                         splits.description)
 
+    def preview_dataset(self, cfg: DictConfig, preprocess: dict, count: int) -> tuple[Dataset, list]:
+        """`count` training images chosen with the run's seed, decoded alone (not the whole folder) through
+        training's own dataset code, the RAM cache's shrinking included."""
+        splits = index_data(cfg.data)
+        self.classes = splits.classes
+        train = splits.splits["train"]
+        chosen = np.random.default_rng(cfg.seed).permutation(len(train))[:count]
+        subset = DataSplits(splits.classes, {"train": [train[i] for i in sorted(chosen)]}, [], splits.description)
+        built = build_datasets(subset, cfg.data, preprocess, OmegaConf.to_container(cfg.augment.train, resolve=True),
+                               cfg.seed)
+        return built.datasets["train"], list(built.skipped)
+
+    def picture(self, sample: dict) -> tuple[np.ndarray, str]:
+        return sample["image"].permute(1, 2, 0).numpy(), self.classes[int(sample["label"])]
+
     def restore(self, checkpoint: dict) -> None:
         self.classes, self.preprocess_used = list(checkpoint["classes"]), dict(checkpoint["preprocess"])
         self.top_k = int(checkpoint["config"].get("trainer", {}).get("top_k") or 5)

@@ -137,6 +137,10 @@ class Detection(Task):
             names = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())]
         return draw_bounding_boxes(image, boxes, labels=names, colors=colour, width=1)
 
+    def picture(self, sample: dict) -> tuple[np.ndarray, str]:
+        drawn = self._draw(sample["image"], sample["boxes"], sample["labels"], "lime")
+        return drawn.permute(1, 2, 0).numpy(), f"{len(sample['boxes'])} box(es)"
+
     def checkpoint_entries(self) -> dict:
         """The COCO category ids, so predictions name the user's own ids."""
         return {"category_ids": list(self.categories.ids) if self.categories else []}

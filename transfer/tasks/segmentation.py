@@ -146,6 +146,11 @@ class Segmentation(Task):
                 picture.save(temporary, format="PNG")
             written += 1
 
+    def picture(self, sample: dict) -> tuple[np.ndarray, str]:
+        image, mask = sample["image"].permute(1, 2, 0).numpy(), sample["mask"].numpy().astype(np.uint8)
+        present = [self.classes[v] for v in np.unique(mask) if 0 < v < len(self.classes)]
+        return overlay(image, mask, palette(len(self.classes))), ", ".join(present[:3])
+
     def checkpoint_entries(self) -> dict:
         return {"ignore_index": self.ignore_index}
 
