@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,22 @@ def test_eval_transform_non_square_input():
     for image in (LANDSCAPE, GRAY_28, np.ascontiguousarray(LANDSCAPE.transpose(1, 0, 2))):
         assert shape_of(transform, image) == (3, 32, 64)
 
+
+
+def test_a_config_cannot_run_code_through_an_augment_target(tiny_image_folder: Path, tmp_path: Path, run_cli) -> None:
+    """A recipe, a saved config.yaml or an override is data: `_target_` may name albumentations transforms
+    only, refused in one line before anything is imported or called."""
+    marker = tmp_path / "PWNED"
+    step = f"{{_target_:subprocess.Popen,args:[touch,{marker}]}}"
+    code, _, err = run_cli(["train", f"data.root={tiny_image_folder}", f"augment.train=[{step}]",
+                            f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "subprocess.Popen is not an albumentations transform" in err
+    assert len(err.strip().splitlines()) == 1 and not marker.exists()
+
+    from transfer.config import compose
+
+    saved = compose([f"data.root={tiny_image_folder}"])
+    saved.augment.train = [{"_target_": "os.system", "command": f"touch {marker}"}]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "config.yaml"), f"hydra.run.dir={tmp_path / 'run2'}"])
+    assert code == 2 and "os.system is not an albumentations transform" in err and not marker.exists()

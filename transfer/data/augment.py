@@ -5,13 +5,14 @@ because moving uint8 is 4× cheaper than float and the GPU does the arithmetic f
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import os
 import warnings
 from typing import Any
 
 import cv2
-from hydra.utils import get_class
 
 from transfer.errors import UserError
 
@@ -34,6 +35,7 @@ def _import_albumentations():
 
 A, ToTensorV2 = _import_albumentations()
 
+ALLOWED_MODULE = "albumentations."
 INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4, "random": cv2.INTER_LINEAR}
 
@@ -56,15 +58,32 @@ def build_eval_transform(preprocess: dict) -> A.Compose:
     ])
 
 
+def transform_class(target: str) -> type:
+    """The albumentations transform a step's `_target_` names, and nothing else: a recipe, a saved config.yaml
+    or an override is data, so it must not be able to import or call arbitrary code (`subprocess.Popen`)."""
+    name = str(target)
+    public = name.startswith(ALLOWED_MODULE) and not any(part.startswith("_") for part in name.split("."))
+    module, _, attribute = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attribute, None) if public else None
+    except ImportError:
+        cls = None
+    if isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose)):
+        return cls
+    if public and cls is None:  # a misspelling inside albumentations
+        hint = difflib.get_close_matches(attribute, [n for n in dir(A) if n[:1].isupper()], n=1)
+        did_you_mean = f" Did you mean {ALLOWED_MODULE}{hint[0]}?" if hint else ""
+        raise UserError(f"augment step: unknown transform {name}.{did_you_mean} Use a class of albumentations, "
+                        "e.g. albumentations.RandomResizedCrop.")
+    raise UserError(f"augment step: _target_ {name} is not an albumentations transform. Only albumentations "
+                    "classes can be named, e.g. _target_: albumentations.RandomResizedCrop.")
+
+
 def _instantiate(step: dict[str, Any], preprocess: dict) -> A.BasicTransform:
     target = step.pop("_target_", None)
     if not target:
         raise UserError(f"augment step {step} has no _target_ (e.g. _target_: albumentations.HorizontalFlip).")
-    try:
-        cls = get_class(target)
-    except Exception:
-        raise UserError(f"augment step: unknown transform {target}. Use a class of albumentations, "
-                        "e.g. albumentations.RandomResizedCrop.") from None
+    cls = transform_class(target)
     _fill_sizes(cls, step, preprocess)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,8 +149,8 @@ def _with_mask_fill(step: dict, mask_fill: int) -> dict:
     target = step.get("_target_")
     if target and "fill_mask" not in step:
         try:
-            parameters = inspect.signature(get_class(target)).parameters
-        except Exception:  # an unknown name: build_train_transform says so with the fix
+            parameters = inspect.signature(transform_class(target)).parameters
+        except UserError:  # build_train_transform refuses it with the fix
             return step
         if "fill_mask" in parameters:
             step["fill_mask"] = mask_fill
