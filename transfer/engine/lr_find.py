@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
 from matplotlib.figure import Figure
+from torch import nn
 
 from transfer.checkpoint import restore_rng_state, rng_state
 from transfer.config import require

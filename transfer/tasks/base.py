@@ -14,10 +14,12 @@ directory). A task brings what differs, through the methods of `Task`:
     evaluate(model, loader, runtime)     -> Evaluation: metrics without split prefix, skipped files, outputs
     metric_modes(classes)                -> {metric: "max" | "min"}: what trainer.monitor may name
     report(folder, split, evaluation)       files a split's evaluation leaves (per-class tables, …)
-    draw(model, dataset, folder, runtime)   pictures of predictions (overlays), if the task has any
-    checkpoint_entries() / restore(ckpt)    what predict and export need besides weights and classes
-    predict(model, images, runtime) / write_predictions(chunks, out)    `transfer predict`
-    backbone_state(state)                -> the state dict of the timm model inside, for `transfer export`
+    draw(model, dataset, folder, runtime, count)   pictures of predictions (overlays), if the task has any
+    checkpoint_entries() / restore(ckpt)    what eval, predict and export need besides weights and classes
+    eval_dataset(...)                    -> the split `transfer eval` scores
+    preview_dataset(...) / picture(sample)   `transfer augment-preview`
+    predict(model, images, runtime) / write_predictions(chunks, out)    `transfer predict` and the API
+    compile(model, backend), shortcut(...)  trainer.compile; a cheaper path to the same updates (linear probe)
 
 A fourth task is one module here implementing these, its name in `tasks/__init__.py`, and a config file
 `conf/task/NAME.yaml` (whose `_global_` package also sets the shared keys its defaults differ in).
@@ -101,6 +103,18 @@ class Task:
             overrides["input_size"] = DIGITS_INPUT_SIZE
         check_model_name(cfg.model.name)
         return resolve_preprocess(cfg.model.name, **overrides)
+
+    def build_data(self, cfg: DictConfig, preprocess: dict) -> TaskData:
+        raise NotImplementedError
+
+    def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[nn.Module, str]:
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
+        raise NotImplementedError
 
     def prepare(self, cfg: DictConfig, data: TaskData) -> None:
         """Set up what depends on the training data (nothing by default)."""
