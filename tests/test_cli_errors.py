@@ -6,6 +6,8 @@ Settings are tiny (test model, random init, 32 px, one epoch), so mistakes that 
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -137,12 +139,20 @@ def test_unknown_timm_model_lists_close_names(run_cli: RunCli, data_args: list[s
     assert_clean_error(run_cli, [*data_args, "model.name=resnet5000"], "resnet5000", "resnet50,")
 
 
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_hub_weights_without_network_fail_fast(run_cli: RunCli, data_args: list[str], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """An unroutable hub (TEST-NET-1) and an empty cache stand in for a machine without network."""
+    """A hub endpoint on this machine where nothing listens, and an empty cache, stand in for a machine without
+    network (no traffic leaves the machine)."""
     from huggingface_hub import constants
 
-    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)  # restored after the test
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     started = time.perf_counter()
@@ -189,3 +199,32 @@ def test_train_help_lists_groups_options_and_recipes(run_cli: RunCli) -> None:
         for option in group_options(group):
             assert option in line
     assert "trainer.epochs" in out or "epochs=" in out
+
+
+HUB_PROBE = ("import sys; from transfer.models.backbone import hub_reachable; "
+             "print(hub_reachable(timeout=3.0))")
+
+
+@pytest.mark.parametrize("proxy, bypass, expected", [(None, None, "True"), ("bad", None, "False"),
+                                                     ("bad", "127.0.0.1", "True")])
+def test_the_hub_probe_asks_like_huggingface_hub(proxy, bypass, expected, tmp_path: Path) -> None:
+    """The endpoint's own port (HF_ENDPOINT), the user's proxy (HTTP_PROXY) and its exceptions (NO_PROXY): a
+    local server stands in for the hub, a closed local port for a dead proxy; no traffic leaves the machine."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{server.server_address[1]}"
+    if proxy:
+        env["HTTP_PROXY"] = f"http://127.0.0.1:{closed_port()}"
+    if bypass:
+        env["NO_PROXY"] = bypass
+    try:
+        result = subprocess.run([sys.executable, "-c", HUB_PROBE], capture_output=True, text=True, env=env,
+                                cwd=tmp_path, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.stdout.strip() == expected, result.stderr[-2000:]

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import shutil
+import socket
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +213,9 @@ def test_every_key_takes_effect_or_is_refused(task, overrides, folders, baseline
         monkeypatch.setenv("TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
     overrides = tuple(item.replace("CACHE", str(tmp_path / "cache")) for item in overrides)
     if overrides[0].startswith("model.pretrained"):
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail fast whatever the network
+        with socket.socket() as probe:  # a hub endpoint on this machine where nothing listens: offline, at once
+            probe.bind(("127.0.0.1", 0))
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{probe.getsockname()[1]}")
     if overrides[0] == "data.on_bad_image=error":  # a copy of the data with one file that does not decode
         source = Path(args[[a.startswith("data.root=") for a in args].index(True)].split("=", 1)[1])
         shutil.copytree(source, tmp_path / "data")

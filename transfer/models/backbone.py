@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
 from torch import nn
 
 from transfer.errors import UserError
@@ -97,11 +97,9 @@ def _from_package(name: str, num_classes: int, kwargs: dict) -> tuple[nn.Module,
 
 def _from_hub(name: str, num_classes: int, kwargs: dict) -> tuple[nn.Module, str]:
     """The hub, failing in seconds when it is unreachable (cached files still load offline)."""
-    from huggingface_hub import constants
-
-    was_offline = constants.HF_HUB_OFFLINE
+    was_offline = hub_constants.HF_HUB_OFFLINE
     offline = was_offline or not hub_reachable()
-    constants.HF_HUB_OFFLINE = offline
+    hub_constants.HF_HUB_OFFLINE = offline
     try:
         model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as error:
@@ -109,18 +107,20 @@ def _from_hub(name: str, num_classes: int, kwargs: dict) -> tuple[nn.Module, str
             else f"downloading failed ({str(error).splitlines()[0][:200]})"
         raise UserError(f"cannot load pretrained weights for {name}: {reason}. {OFFLINE_HELP}") from None
     finally:
-        constants.HF_HUB_OFFLINE = was_offline
+        hub_constants.HF_HUB_OFFLINE = was_offline
     return model, f"hub {model.pretrained_cfg.get('hf_hub_id') or name}"
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
+    """Whether the hub answers within `timeout`, asked the way huggingface_hub asks: through its own HTTP
+    session (so the user's HTTPS_PROXY / NO_PROXY apply) at the endpoint it uses (HF_ENDPOINT, port included).
+    Any answer, an error status too, means reachable; none in time means offline."""
+    endpoint = os.environ.get("HF_ENDPOINT") or hub_constants.ENDPOINT
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:  # the HTTP library's connect, proxy and timeout errors: no answer
         return False
+    return True
 
 
 def _from_file(name: str, num_classes: int, path: Path, kwargs: dict) -> tuple[nn.Module, str]:
