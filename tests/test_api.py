@@ -51,9 +51,9 @@ def test_the_cli_chooses_the_thread_wait_policy_before_torch_loads() -> None:
     loaded (libgomp has read the setting by then)."""
     from transfer.cli.threads import SHORT_SPIN, wait_policy
 
-    assert wait_policy({}, free=True) == {"GOMP_SPINCOUNT": SHORT_SPIN}
-    assert wait_policy({}, free=False) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}, free=True) == {}
+    assert wait_policy({}, free=lambda: True) == {"GOMP_SPINCOUNT": SHORT_SPIN}
+    assert wait_policy({}, free=lambda: False) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}, free=lambda: 1 / 0) == {}  # the user chose: no sampling
     script = ("import os, sys; from transfer.cli import main; main(['train', '--cfg']); "
               "print(os.environ.get('GOMP_SPINCOUNT') or os.environ.get('OMP_WAIT_POLICY'))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env(), timeout=120)

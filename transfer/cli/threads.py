@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 SHORT_SPIN = "10000"
 
@@ -40,18 +40,18 @@ def cores_are_free(window: float = 0.1) -> bool:
     return total_after > total and (busy_after - busy) / (total_after - total) * cores < 0.5
 
 
-def wait_policy(environ: MutableMapping[str, str], free: bool) -> dict[str, str]:
-    """The variables to set: none when the user chose, else a short spin on free cores, else passive waiting."""
+def wait_policy(environ: MutableMapping[str, str], free: Callable[[], bool]) -> dict[str, str]:
+    """The variables to set: none when the user chose (the cores are then not sampled), else a short spin on
+    free cores, else passive waiting."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    return {"GOMP_SPINCOUNT": SHORT_SPIN} if free else {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": SHORT_SPIN} if free() else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def choose_wait_policy(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Set the policy for this process (the CLI's own) unless torch is already loaded, where it is too late."""
     if "torch" in sys.modules:
         return {}
-    chosen = wait_policy(environ, cores_are_free() if "OMP_WAIT_POLICY" not in environ
-                         and "GOMP_SPINCOUNT" not in environ else False)
+    chosen = wait_policy(environ, cores_are_free)
     environ.update(chosen)
     return chosen

@@ -62,7 +62,7 @@ class Classification(Task):
         self.criterion = build_criterion(trainer.label_smoothing, trainer.get("class_weight"), labels,
                                          len(data.classes), self.mixer.enabled)
         self.plain_criterion = build_criterion(trainer.label_smoothing, trainer.get("class_weight"), labels,
-                                               len(data.classes), mixing=False)
+                                               len(data.classes), mixing=False) if self.mixer.enabled else self.criterion
 
     @staticmethod
     def batch_size(batch: dict) -> int:

@@ -67,9 +67,7 @@ class Detection(Task):
                     for name, records in splits.items()}
         return TaskData(self.classes, datasets, skipped, f"COCO annotations under {data.root}")
 
-    @staticmethod
-    def collate(samples: list) -> dict:
-        return collate_boxes(samples)
+    collate = staticmethod(collate_boxes)
 
     def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[Detector, str]:
         task, model = cfg.task, cfg.model
