@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from transfer.checkpoint import load_checkpoint
-from transfer.cli.train import compose_run, train_in
-from transfer.config import without_hydra
+from transfer.cli.train import compose_run, train_shared
 from transfer.data.images import read_rgb
 from transfer.engine.inference import Loaded, load_for_inference
 from transfer.engine.rundir import make_run_dir
@@ -52,11 +51,10 @@ def train(overrides: list[str] | None = None, run_dir: str | Path | None = None,
     """Compose `overrides` as the CLI does (optionally on top of a saved run's config.yaml) and train into
     `run_dir` (default: runs/<timestamp>, made fresh)."""
     composed, record = compose_run(list(overrides or []), None if config_file is None else str(config_file))
-    cfg = without_hydra(composed)
     chosen = run_dir is not None
     folder = Path(run_dir) if chosen else Path("runs") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    folder = make_run_dir(folder, chosen, cfg.trainer.get("resume"))
-    return Run(folder, train_in(cfg, folder, record))
+    # under torchrun, rank 0 makes the folder for all
+    return Run(*train_shared(composed, lambda: make_run_dir(folder, chosen, composed.trainer.get("resume")), record))
 
 
 class Model:

@@ -7,3 +7,8 @@ exception is a bug in transfer and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's data, config or environment; the message must name the fix."""
+
+
+class ReportedElsewhere(UserError):
+    """A mistake that another process of the same multi-process run reports; this process exits quietly, so
+    the user reads it once (from rank 0)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from transfer.cli.threads import choose_wait_policy
+from transfer.distributed import is_main
 from transfer.errors import UserError
 
 USAGE = """usage: transfer <command> [key=value ...]
@@ -42,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(command, arguments)
     except UserError as error:
-        print(f"transfer {command}: error: {error}", file=sys.stderr)
+        if str(error):  # empty: another process of the run reports it (errors.ReportedElsewhere)
+            print(f"transfer {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # transfer.engine.interrupt.Interrupted carries its message and exit code
-        print(f"transfer {command}: {stop or 'interrupted'}", file=sys.stderr)
+        if is_main():  # several processes stop together; rank 0 says where and how to resume
+            print(f"transfer {command}: {stop or 'interrupted'}", file=sys.stderr)
         return getattr(stop, "code", 130)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from transfer import distributed
+from transfer.cli.launch import check_processes
 from transfer.config import compose, groups, without_hydra
 from transfer.engine.rundir import lock_run_dir, make_run_dir
 from transfer.errors import UserError
@@ -35,10 +37,38 @@ def train_command(arguments: list[str]) -> int:
     if show_only:
         print(OmegaConf.to_yaml(without_hydra(cfg), resolve=True))
         return 0
+    processes = check_processes(cfg.trainer.get("processes", 1), distributed.launched(),
+                                distributed.local_world_size())
+    if processes > 1 and not distributed.launched():
+        from transfer.cli.launch import launch
+
+        return launch(processes, ["train", *arguments])
     chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
-    run_dir = make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume"))
-    train_in(without_hydra(cfg), run_dir, record)
+    train_shared(cfg, lambda: make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume")), record)
     return 0
+
+
+def train_shared(cfg: DictConfig, make_dir, record: dict) -> tuple[Path, dict[str, float]]:
+    """(run directory, metrics) of a training run; with several processes, rank 0 resolves the config and makes the run directory (`make_dir`),
+    and every rank trains with those (a timestamped folder or `${now:}` would differ between processes)."""
+    if not distributed.launched():
+        run_dir = make_dir()
+        return run_dir, train_in(without_hydra(cfg), run_dir, record)
+    distributed.start()
+    try:
+        from transfer.engine.parallel import agree
+
+        made, error = None, None
+        if distributed.is_main():
+            try:
+                made = (make_dir(), OmegaConf.to_container(without_hydra(cfg), resolve=True))
+            except UserError as raised:
+                error = raised
+        agree(error)
+        run_dir, resolved = distributed.broadcast(made)
+        return Path(run_dir), train_in(OmegaConf.create(resolved), Path(run_dir), record)
+    finally:
+        distributed.stop()
 
 
 def compose_run(overrides: list[str], config_file: str | None = None) -> tuple[DictConfig, dict]:
@@ -78,6 +108,8 @@ def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None) -> dict
     """Train into `run_dir` under its lock; a failure before the first checkpoint removes a folder made for it."""
     from transfer.engine.fit import train  # torch, timm: seconds to import, so only once the config is valid
 
+    if not distributed.is_main():  # rank 0 holds and writes the run directory; the others only compute
+        return train(cfg, run_dir)
     lock = lock_run_dir(run_dir)
     try:
         if not cfg.trainer.resume and (run_dir / "config.yaml").exists():  # another run got there first

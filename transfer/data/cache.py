@@ -26,6 +26,7 @@ from PIL import Image
 
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.sources import Record
+from transfer.distributed import is_main
 from transfer.errors import UserError
 
 CACHE_KINDS = ("none", "ram", "disk")
@@ -108,7 +109,8 @@ def fill_cache(records: list[Record], keep_side: int, budget_bytes: int | None =
     for source, image in _decoded(records, keep_side, strict, skipped):
         cache[source] = image
     held = sum(image.nbytes for image in cache.values())
-    print(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
+    if is_main():  # several processes each hold their own copy; one line says it
+        print(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
     return cache, skipped
 
 

@@ -23,6 +23,7 @@ from transfer.config import require
 from transfer.data.cache import CACHE_KINDS, available_memory_bytes, build_cache
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
 from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, build_splits, read_folder, read_manifest
+from transfer.distributed import rank, world_size
 from transfer.errors import UserError
 
 
@@ -96,56 +97,75 @@ SAMPLERS = ("random", "balanced")
 
 
 class EpochSampler(Sampler):
-    """Yields (epoch, index) pairs: shuffled by (seed, epoch) for training, in order otherwise."""
+    """Yields (epoch, index) pairs: shuffled by (seed, epoch) for training, in order otherwise.
 
-    def __init__(self, size: int, shuffle: bool, seed: int) -> None:
+    With several processes each takes every `world`-th pair from its `rank`: training pads the epoch's order
+    with its first indices to a multiple of `world`, so every process makes the same number of steps (as
+    torch's DistributedSampler); evaluation is never padded, so the shards together are the split once."""
+
+    def __init__(self, size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1) -> None:
         self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = range(self.size)
-        return iter([(self.epoch, index) for index in order])
+        return iter([(self.epoch, index) for index in self.share(self.order())])
+
+    def share(self, order: list[int]) -> list[int]:
+        if self.world == 1:
+            return order
+        if self.shuffle and order:
+            order = (order * math.ceil(len(self) * self.world / len(order)))[:len(self) * self.world]
+        return order[self.rank::self.world]
 
     def __len__(self) -> int:
-        return self.size
+        if self.world == 1:
+            return self.size
+        if self.shuffle:
+            return math.ceil(self.size / self.world)
+        return len(range(self.rank, self.size, self.world))
 
 
 class BalancedEpochSampler(EpochSampler):
     """Yields (epoch, index) pairs drawn with replacement, each class equally likely (weights 1 / class
     count, as scikit-learn's 'balanced'), keyed by (seed, epoch); an epoch has as many samples as the data."""
 
-    def __init__(self, labels: list[int], seed: int) -> None:
-        super().__init__(len(labels), shuffle=True, seed=seed)
+    def __init__(self, labels: list[int], seed: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__(len(labels), shuffle=True, seed=seed, rank=rank, world=world)
         labels_tensor = torch.as_tensor(labels, dtype=torch.long)
         counts = torch.bincount(labels_tensor).double()
         self.weights = (1.0 / counts)[labels_tensor]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
-        return iter([(self.epoch, index) for index in order])
+        return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
 
 
 def build_loader(dataset: ImageDataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 pin_memory: bool = False, sampler: str = "random", collate_fn=collate_skipping_bad) -> DataLoader:
+                 pin_memory: bool = False, sampler: str = "random", collate_fn=collate_skipping_bad,
+                 shard: bool = False) -> DataLoader:
     """The one place that picks samplers and loader settings, for every task (segmentation and detection
-    bring their own `collate_fn`); `sampler` (data.sampler) applies to training."""
+    bring their own `collate_fn`); `sampler` (data.sampler) applies to training. `shard`: this process reads
+    its share only (a multi-process run; transfer.distributed)."""
     require(sampler, SAMPLERS, "data.sampler")
     workers = resolve_workers(num_workers)
+    place = {"rank": rank(), "world": world_size()} if shard else {}
     if train and sampler == "balanced":
-        chosen = BalancedEpochSampler([record.label for record in dataset.records], seed=seed)
+        chosen = BalancedEpochSampler([record.label for record in dataset.records], seed=seed, **place)
     else:
-        chosen = EpochSampler(len(dataset), shuffle=train, seed=seed)
+        chosen = EpochSampler(len(dataset), shuffle=train, seed=seed, **place)
     return DataLoader(
         dataset, batch_size=batch_size, sampler=chosen,
         num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
-        drop_last=train and len(dataset) > batch_size, persistent_workers=workers > 0,
+        drop_last=train and len(chosen) > batch_size, persistent_workers=workers > 0,
         worker_init_fn=_quiet_opencv if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
     )

@@ -11,17 +11,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from transfer.checkpoint import final_weights, load_checkpoint, remove_temporaries
+from transfer import distributed
+from transfer.checkpoint import final_weights, load_checkpoint, remove_temporaries, rng_state
 from transfer.config import to_dict
 from transfer.distributed import is_main
-from transfer.engine.interrupt import Interrupted, StopSignal
+from transfer.engine.interrupt import Interrupted, StopSignal, ignore_stop_signals
 from transfer.engine.loop import Loop
 from transfer.engine.monitor import Monitor, build_monitor
+from transfer.engine.parallel import agree, broadcast_weights, evaluate, lost_peer, sync_batchnorm
 from transfer.engine.rundir import SkippedFiles, log, write_epochs, write_run_info
 from transfer.engine.setup import Setup, build_setup, seed_everything
 from transfer.engine.state import NonFiniteError, check_finite, fresh_state, last_good, resume, save_progress
 from transfer.engine.techniques import Techniques
-from transfer.errors import UserError
+from transfer.errors import ReportedElsewhere, UserError
 from transfer.files import write_json
 from transfer.metrics.plots import plot_curves
 from transfer.models.backbone import count_parameters
@@ -29,18 +31,38 @@ from transfer.tasks.base import Evaluation
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Fine-tune as configured, write the run directory, return the final metrics."""
-    setup = build_setup(cfg)
+    """Fine-tune as configured, write the run directory, return the final metrics. With several processes, a
+    process that ends (killed, out of memory) makes the others stop with one line instead of a traceback."""
+    try:
+        return train_run(cfg, run_dir)
+    except Exception as error:
+        if not (distributed.active() and lost_peer(error)):
+            raise
+        ignore_stop_signals()  # the launcher's SIGTERM to the survivors must not cut this message short
+        raise UserError(f"process {distributed.rank()}: another process of this run ended ({first_line(error)}), so "
+                        f"this one stops too. The last checkpoint is {last_good(run_dir)}; resume with as many "
+                        f"processes and trainer.resume={run_dir / 'last.pt'}.") from None
+
+
+def train_run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    setup, error = None, None
+    try:
+        setup = build_setup(cfg)
+    except UserError as raised:  # several processes: each stops, rank 0 says why once
+        error = raised
+    agree(error)
     task, data = setup.task, setup.data
     monitor = build_monitor(cfg.trainer.monitor, cfg.trainer.get("monitor_mode") or "auto",
                             task.metric_modes(data.classes), validated="val" in setup.loaders)
     # a cheaper way to the same updates where the task has one (classification's linear probe on cached features)
     model, loaders, runtime, shortcut_seconds = task.shortcut(cfg, setup.model, data, setup.loaders, setup.runtime,
                                                               run_dir, log)
+    model = sync_batchnorm(model, bool(cfg.trainer.get("sync_batchnorm")), runtime.device)
+    broadcast_weights(model)  # every rank (and the EMA built next) starts from rank 0's weights
     kit = Techniques(cfg, model, setup.plan, task, loaders["train"], runtime, run_dir, log)
     meta = {"task": task.name, "classes": data.classes, "preprocess": setup.preprocess,
             "weights_source": setup.weights_source, "config": to_dict(cfg), **task.checkpoint_entries(),
-            **kit.checkpoint_entries()}
+            **kit.checkpoint_entries(), "world_size": distributed.world_size()}
     # resume before anything is written: a refused resume leaves its run directory as it was
     state = fresh_state(shortcut_seconds)
     if cfg.trainer.resume:
@@ -51,11 +73,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         kit.scheduler.step_update(num_updates=state["epoch"] * len(loaders["train"]) + state["step"])
     total, trainable = count_parameters(model)
     splits = {name: len(dataset) for name, dataset in data.datasets.items()}
-    write_run_info(run_dir, meta, splits, data.description, total, trainable)
+    write_run_info(run_dir, meta, splits, data.description, total, trainable, batch_plan(cfg))
     log(f"{task.name}: {cfg.model.name} ({setup.weights_source}), {trainable:,}/{total:,} parameters trained, "
         f"{len(data.classes)} classes, splits {splits}, input {setup.preprocess['input_size'][1:]}, device "
         f"{runtime.device}{', amp ' + str(runtime.amp_dtype).split('.')[-1] if runtime.amp_dtype else ''}, "
         f"best.pt by {monitor.name} ({monitor.mode})")
+    if distributed.launched():
+        plan = batch_plan(cfg)
+        log(f"{plan['processes']} processes: effective batch {plan['effective_batch']} = data.batch_size "
+            f"{plan['batch_size']} per process × {plan['processes']} processes × {plan['accumulate_steps']} "
+            "accumulation steps; optim.lr is used as given (not scaled with the processes)")
     skipped = SkippedFiles(run_dir)
     skipped.add(data.skipped)
     if is_main():
@@ -65,6 +92,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped)
         return finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None)
     except NonFiniteError as error:
+        if not is_main():  # every rank met the same agreed step: rank 0 says it
+            raise ReportedElsewhere("") from None
         raise UserError(f"{error}. The last good checkpoint is {last_good(run_dir, state.get('resumed_from'))}. "
                         "Lower optim.lr, set trainer.grad_clip or check the data; or let up to N such steps be "
                         "skipped with trainer.max_bad_steps=N.") from None
@@ -82,15 +111,20 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
         for epoch in range(state["epoch"], epochs):
             started = time.perf_counter()
             if not state["step"]:  # a mid-epoch resume continues the saved random streams instead
-                seed_everything(cfg.seed * 1_000 + epoch)  # dropout / drop-path: keyed by epoch, exact on resume
+                # dropout, drop-path, mixup: keyed by epoch (exact on resume) and by rank (each its own stream)
+                seed_everything(cfg.seed * 1_000 + epoch + distributed.rank() * 1_000_003)
             earlier = (state["partial"] or {}).get("seconds", 0.0)
             result = loop.train_epoch(loaders["train"], epoch, state, stop)
             if result is None:  # stopped between two steps: save the position, not an epoch
                 state["train_seconds"] += time.perf_counter() - started
                 state["partial"]["seconds"] = earlier + time.perf_counter() - started
                 meta.update(kit.checkpoint_entries())  # the EMA weights as of this step
+                if distributed.active():  # each rank's random streams and BatchNorm statistics, for an exact resume
+                    meta["ranks"] = distributed.gather(rank_state(run.model, kit))
+                skipped.share()
                 save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, False)
                 raise interrupted(stop, run_dir, epoch, state["step"], len(loaders["train"]), epochs)
+            skipped.share()
             check_finite(run.model, epoch + 1)  # before validation, whose metrics cannot take NaN outputs
             row, evaluation = {"epoch": epoch + 1, **result}, None
             if "val" in loaders and ((epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == epochs):
@@ -107,7 +141,7 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
             meta.update(kit.checkpoint_entries())
             save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
             log(summary(row, epochs, monitor.name, improved))
-            if stop.requested:
+            if loop.stop_agreed(stop):
                 raise interrupted(stop, run_dir, epoch + 1, 0, len(loaders["train"]), epochs)
             if state["epoch"] < epochs and monitor.should_stop(cfg.trainer.get("early_stop_patience"), state):
                 log(f"early stop: {monitor.name} has not improved for {state['epoch'] - state['best_epoch']} epochs "
@@ -118,11 +152,11 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
 
 def validate(run: Setup, kit: Techniques, row: dict, skipped: SkippedFiles) -> Evaluation:
     """val/* of the model (and val_ema/* of the EMA weights) into `row`."""
-    evaluation = run.task.evaluate(run.model, run.loaders["val"], run.runtime)
+    evaluation = evaluate(run.task, run.model, run.loaders["val"], run.runtime)
     skipped.add(evaluation.skipped)
     row.update(prefixed(evaluation.metrics, "val"))
     if kit.ema is not None:
-        row.update(prefixed(run.task.evaluate(kit.ema.module, run.loaders["val"], run.runtime).metrics, "val_ema"))
+        row.update(prefixed(evaluate(run.task, kit.ema.module, run.loaders["val"], run.runtime).metrics, "val_ema"))
     return evaluation
 
 
@@ -130,8 +164,10 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
            best_val: Evaluation | None) -> dict[str, float]:
     """Evaluate the best weights on every held-out split; reports, pictures, metrics.json and the curves."""
     best_path = run_dir / "best.pt"
-    if best_path.exists():
-        run.model.load_state_dict(final_weights(load_checkpoint(best_path)))  # the EMA's when they were best
+    if distributed.broadcast(best_path.exists() if is_main() else None):
+        if is_main():
+            run.model.load_state_dict(final_weights(load_checkpoint(best_path)))  # the EMA's when they were best
+        broadcast_weights(run.model)  # rank 0 wrote best.pt; other machines may not see its folder
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
     tta = cfg.trainer.get("tta") or "none"
     runtime = dataclasses.replace(run.runtime, tta=tta)
@@ -139,7 +175,7 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
         if split not in run.loaders:
             continue
         reuse = split == "val" and best_val is not None and tta == "none"
-        evaluation = best_val if reuse else run.task.evaluate(run.model, run.loaders[split], runtime)
+        evaluation = best_val if reuse else evaluate(run.task, run.model, run.loaders[split], runtime)
         skipped.add(evaluation.skipped)
         metrics.update(prefixed(evaluation.metrics, split))
         if is_main():
@@ -157,6 +193,26 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
     log(f"done in {state['train_seconds']:.1f}s of training; best epoch {metrics['best_epoch']}; {headline}; "
         f"run directory {run_dir}")
     return metrics
+
+
+def rank_state(model, kit: Techniques) -> dict:
+    """What differs between ranks in the middle of an epoch: random streams, and the BatchNorm running statistics
+    (averaged at the epoch's end) of the model and its EMA."""
+    buffers = {name: tensor.cpu() for name, tensor in model.named_buffers()}
+    ema = {name: t.cpu() for name, t in kit.ema.module.named_buffers()} if kit.ema is not None else {}
+    return {"rng": rng_state(), "buffers": buffers, "ema_buffers": ema}
+
+
+def batch_plan(cfg: DictConfig) -> dict[str, int]:
+    """How many samples one optimizer update sees."""
+    batch, processes = int(cfg.data.batch_size), distributed.world_size()
+    accumulate = int(cfg.trainer.get("accumulate_steps") or 1)
+    return {"batch_size": batch, "processes": processes, "accumulate_steps": accumulate,
+            "effective_batch": batch * processes * accumulate}
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:

@@ -11,9 +11,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from transfer import distributed
 from transfer.checkpoint import restore_rng_state
 from transfer.data.dataset import raise_if_strict
 from transfer.engine.interrupt import StopSignal
+from transfer.engine.parallel import Replicated, average_batchnorm
 from transfer.engine.rundir import SkippedFiles, progress_mode
 from transfer.engine.state import NonFiniteError
 from transfer.engine.techniques import Techniques
@@ -28,6 +30,8 @@ class Loop:
     def __init__(self, model: torch.nn.Module, task: Task, kit: Techniques, runtime: Runtime, cfg: DictConfig,
                  skipped: SkippedFiles) -> None:
         self.model, self.task, self.kit, self.runtime, self.skipped = model, task, kit, runtime, skipped
+        self.replicated = Replicated(model, runtime.device, find_unused=task.find_unused_parameters)
+        self.trainee, self.stop, self.stopping = model, None, False
         self.optimizer, self.scheduler, self.scaler = kit.optimizer, kit.scheduler, kit.scaler
         self.grad_clip = cfg.trainer.grad_clip
         self.max_bad_steps = cfg.trainer.get("max_bad_steps") or 0
@@ -40,10 +44,13 @@ class Loop:
         counted in state['bad_steps'], up to trainer.max_bad_steps; then NonFiniteError. Returns None when
         `stop` was requested before the last step, leaving the position and running sums in `state`."""
         set_train_mode(self.model, self.kit.plan, epoch)
+        self.trainee, self.stop, self.stopping = self.replicated.refresh(), stop, False
         steps, start = len(loader), state["step"]
         sums = state["partial"] or {"loss_sum": 0.0, "seen": 0, "bad_steps": 0, "stats": {}}
         stats = dict(sums.get("stats") or {})
         loss_sum, seen, bad = sums["loss_sum"], sums["seen"], sums["bad_steps"]
+        if not distributed.is_main():  # a checkpoint's running sums are every rank's: rank 0 carries them on
+            loss_sum, seen, stats = 0.0, 0, {name: 0.0 for name in stats}
         runtime = dataclasses.replace(self.runtime, epoch=epoch)
         batches = iter(epoch_batches(loader, epoch, start))
         if "rng" in state:  # after the loader drew its seed: the streams continue exactly where they stopped
@@ -71,10 +78,13 @@ class Loop:
                         stats[name] = stats.get(name, 0.0) + value
                 self.scheduler.step_update(num_updates=epoch * steps + step + 1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-            if stop is not None and stop.requested and step + 1 < steps and self.kit.boundary(step):
+            if self.stop_requested() and step + 1 < steps and self.kit.boundary(step):
                 state["step"] = step + 1
+                loss_sum, seen, stats = summed(loss_sum, seen, stats)
                 state["partial"] = {"loss_sum": loss_sum, "seen": seen, "bad_steps": bad, "stats": stats}
                 return None
+        loss_sum, seen, stats = summed(loss_sum, seen, stats)
+        average_batchnorm(self.model, self.kit.ema.module if self.kit.ema is not None else None)
         row = {"lr": self.optimizer.param_groups[0]["lr"], "train/loss": loss_sum / max(seen, 1),
                **{f"train/{name}": value / max(seen, 1) for name, value in stats.items()}}
         if bad:
@@ -83,9 +93,18 @@ class Loop:
 
     def step(self, batch: dict, runtime: Runtime) -> tuple[float, dict | None]:
         """(loss, the task's statistics) after one update; (loss, None) and no update when the loss is NaN/Inf."""
+        with self.replicated.accumulating(self.kit.last):
+            return self.update(batch, runtime)
+
+    def update(self, batch: dict, runtime: Runtime) -> tuple[float, dict | None]:
         with autocast(runtime.device, runtime.amp_dtype):
-            loss, stats = self.task.training_step(self.model, batch, runtime)
-        if not torch.isfinite(loss):
+            loss, stats = self.task.training_step(self.trainee, batch, runtime)
+        finite = bool(torch.isfinite(loss))
+        if distributed.active():  # every rank skips a step any rank found NaN, and stops where any was asked to
+            bad_somewhere, self.stopping = distributed.any_rank(not finite, self.stop is not None and
+                                                                self.stop.requested)
+            finite = not bad_somewhere
+        if not finite:
             if self.kit.last:  # drop the gradients this update had gathered
                 self.optimizer.zero_grad(set_to_none=True)
             return loss.item(), None
@@ -104,6 +123,23 @@ class Loop:
             self.optimizer.zero_grad(set_to_none=True)
             self.kit.after_update(self.model)
         return loss.item(), stats
+
+    def stop_requested(self) -> bool:
+        """A stop asked for here, or (several processes) on any rank as of this step."""
+        if distributed.active():
+            return self.stopping
+        return self.stop is not None and self.stop.requested
+
+    def stop_agreed(self, stop: StopSignal) -> bool:
+        """Between epochs: a stop asked for on any rank by now (a collective: every rank asks at once)."""
+        return distributed.any_rank(stop.requested)[0]
+
+
+def summed(loss_sum: float, seen: int, stats: dict[str, float]) -> tuple[float, int, dict[str, float]]:
+    """The running sums over every rank's shard (as they are in one process)."""
+    names = sorted(stats)  # the same on every rank: the task reports every statistic from each good batch
+    loss_sum, seen, *values = distributed.sum_over_ranks([loss_sum, seen, *(stats[name] for name in names)])
+    return loss_sum, int(seen), dict(zip(names, values))
 
 
 def epoch_batches(loader: DataLoader, epoch: int, start: int = 0) -> DataLoader:

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from transfer.config import require
+from transfer import distributed
 from transfer.distributed import is_main
 from transfer.errors import UserError
 from transfer.files import write_csv, write_dict_rows, write_json, write_text
@@ -100,13 +101,14 @@ def lock_run_dir(run_dir: Path):
 
 
 def write_run_info(run_dir: Path, meta: dict, splits: dict[str, int], data_description: str, total: int,
-                   trainable: int) -> None:
+                   trainable: int, batches: dict[str, int]) -> None:
     if not is_main():
         return
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(meta["config"])))
     write_text(run_dir / "classes.json", json.dumps(meta["classes"], indent=1) + "\n")
     info = {"task": meta["task"], "preprocess": meta["preprocess"], "weights_source": meta["weights_source"],
-            "data": data_description, "splits": splits, "parameters": total, "trainable_parameters": trainable}
+            "data": data_description, "splits": splits, "parameters": total, "trainable_parameters": trainable,
+            "batches": batches}
     write_json(run_dir / "run_info.json", info, sort_keys=False)
 
 
@@ -126,6 +128,12 @@ class SkippedFiles:
         if self.path.exists():  # a resumed run: what the earlier part found
             with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
                 self.reasons = {row["path"]: row["reason"] for row in csv.DictReader(handle)}
+
+    def share(self) -> None:
+        """Several processes: what each found (in its shard of the training data) joins rank 0's list."""
+        if distributed.active():
+            for reasons in distributed.gather(self.reasons):
+                self.add(list(reasons.items()))
 
     def add(self, skipped: list[tuple[str, str]]) -> None:
         new = {path: reason for path, reason in skipped if path not in self.reasons}

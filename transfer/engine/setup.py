@@ -65,7 +65,7 @@ def build_setup(cfg: DictConfig) -> Setup:
     loaders = {name: build_loader(dataset, cfg.data.batch_size if name == "train" else cfg.data.eval_batch_size,
                                   train=name == "train", num_workers=cfg.data.num_workers, seed=cfg.seed,
                                   pin_memory=runtime.device.type == "cuda", sampler=cfg.data.get("sampler", "random"),
-                                  collate_fn=task.collate)
+                                  collate_fn=task.collate, shard=True)  # each process its share
                for name, dataset in data.datasets.items()}
     if len(loaders["train"]) == 0:
         raise UserError("the training split is empty.")

@@ -12,7 +12,7 @@ import torch
 
 from transfer.checkpoint import (copy_checkpoint, load_checkpoint, newest_checkpoint, restore_rng_state, rng_state,
                                  save_checkpoint)
-from transfer.distributed import is_main
+from transfer.distributed import is_main, rank, world_size
 from transfer.engine.rundir import log
 from transfer.errors import UserError
 
@@ -78,6 +78,31 @@ def find_checkpoint(path: str, run_dir: Path) -> tuple[str, dict] | None:
     return path, load_checkpoint(path)
 
 
+def rank_state(checkpoint: dict, step: int, path: str) -> dict:
+    """This process's random streams (and, mid-epoch, BatchNorm statistics) in the checkpoint. Another number of processes shards the data
+    differently: fine from an epoch's end (the epoch's order is keyed by seed and epoch; the effective batch
+    changes), refused in the middle of an epoch, whose remaining batches were another sharding's."""
+    saved, now = int(checkpoint.get("world_size", 1)), world_size()
+    if saved != now:
+        if step:
+            raise UserError(f"{path} was saved {step} steps into an epoch by a run of {saved} process(es); this run has "
+                            f"{now}. Resume it with {saved} process(es) (trainer.processes={saved}), or resume from the "
+                            "last epoch's end with best.pt or an epoch-end last.pt.")
+        log(f"resuming a run of {saved} process(es) with {now}: the effective batch changes accordingly; the "
+            "schedule follows this run's steps per epoch")
+    ranks = checkpoint.get("ranks")
+    return ranks[rank()] if ranks and saved == now else {"rng": checkpoint["rng"]}
+
+
+def load_buffers(model, buffers: dict | None) -> None:
+    """A rank's own BatchNorm statistics from a mid-epoch checkpoint of several processes."""
+    if not buffers:
+        return
+    for name, tensor in model.named_buffers():
+        if name in buffers:
+            tensor.copy_(buffers[name])
+
+
 def resume(path: str, model, optimizer, scaler, meta: dict, run_dir: Path) -> dict | None:
     """Load the checkpoint to continue from into model, optimizer and gradient scaler; returns the loop state
     to continue (None: nothing to continue, start afresh)."""
@@ -90,17 +115,20 @@ def resume(path: str, model, optimizer, scaler, meta: dict, run_dir: Path) -> di
         raise UserError(f"{path} is a {trained_for} checkpoint; this run is task={this_run}.")
     if checkpoint["classes"] != meta["classes"]:
         raise UserError(f"{path} was trained on classes {checkpoint['classes']}, this data has {meta['classes']}.")
+    step = checkpoint.get("step", 0)
+    own = rank_state(checkpoint, step, path)
+    rng = own["rng"]
     model.load_state_dict(checkpoint["model"])
+    load_buffers(model, own.get("buffers"))
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    restore_rng_state(checkpoint["rng"])
-    step = checkpoint.get("step", 0)
+    restore_rng_state(rng)
     log(f"resumed from {path} after epoch {checkpoint['epoch']}{f', step {step}' if step else ''}")
     state = {key: checkpoint[key] for key in ("epoch", "history", "best", "best_epoch", "train_seconds")}
     state.update(step=step, partial=checkpoint.get("partial"), bad_steps=checkpoint.get("bad_steps", 0),
                  resumed_from=str(path), model_ema=checkpoint.get("model_ema"),
-                 best_is_ema=checkpoint.get("best_is_ema"))
+                 best_is_ema=checkpoint.get("best_is_ema"), ema_buffers=own.get("ema_buffers"))
     if step:
-        state["rng"] = checkpoint["rng"]  # restored again once the epoch's loader exists (Loop.train_epoch)
+        state["rng"] = rng  # restored again once the epoch's loader exists (Loop.train_epoch)
     return state

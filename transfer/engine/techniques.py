@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from transfer.distributed import is_main
+from transfer.distributed import broadcast, is_main
 from transfer.engine.ema import Ema
 from transfer.engine.lr_find import sweep_lr, sweep_settings, write_sweep
 from transfer.engine.monitor import Monitor
@@ -59,7 +59,7 @@ class Techniques:
             write_sweep(sweep, run_dir)
         self.log(f"optim.lr=auto: the LR finder picked {sweep.suggestion:.3g} ({sweep.method}, {len(sweep.lrs)} "
                  f"steps, {sweep.seconds:.1f}s; plot in lr_find.png)")
-        return sweep.suggestion
+        return broadcast(sweep.suggestion)  # several processes: rank 0's sweep decides for all
 
     # ---- one step
 
@@ -115,6 +115,9 @@ class Techniques:
             return
         saved = state.get("model_ema")
         self.ema.load_state_dict(saved if saved is not None else self.model.state_dict())
+        for name, tensor in self.ema.module.named_buffers():  # this rank's own, mid-epoch with several processes
+            if name in (state.get("ema_buffers") or {}):
+                tensor.copy_(state["ema_buffers"][name])
         self.best_is_ema = bool(state.get("best_is_ema", True))
 
 

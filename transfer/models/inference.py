@@ -81,8 +81,8 @@ def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
         logits.append(output.float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
-    if not logits:
-        raise UserError("no readable images to evaluate.")
+    if not logits:  # nothing readable here (callers that gather shards decide whether that is an error)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
     return torch.cat(logits), torch.cat(labels), torch.cat(indices), skipped
 
 

@@ -11,7 +11,9 @@ directory). A task brings what differs, through the methods of `Task`:
     build_model(cfg, classes, preprocess) -> (model with .get_classifier(), description of its weights)
     prepare(cfg, data)                      losses that depend on the training data (class weights)
     training_step(model, batch, runtime) -> (loss, {name: sum over the batch}) for train/* metrics
-    evaluate(model, loader, runtime)     -> Evaluation: metrics without split prefix, skipped files, outputs
+    infer(model, loader, runtime)        -> one process's outputs on its share of a split (picklable)
+    score(parts)                         -> Evaluation of all shares' outputs: metrics without split prefix,
+                                            skipped files, outputs for reports (evaluate = score([infer]))
     metric_modes(classes)                -> {metric: "max" | "min"}: what trainer.monitor may name
     report(folder, split, evaluation)       files a split's evaluation leaves (per-class tables, …)
     draw(model, dataset, folder, runtime, count)   pictures of predictions (overlays), if the task has any
@@ -83,6 +85,7 @@ class Task:
 
     name = ""
     mixed_precision = True  # whether the training step may run under autocast
+    find_unused_parameters = False  # DDP: some trainable parameters may get no gradient in a step
     # dotted config key → (values that mean "not used", why the key does not apply to this task)
     unsupported: dict[str, tuple[tuple, str]] = {}
 
@@ -113,8 +116,17 @@ class Task:
     def training_step(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
+    def infer(self, model: nn.Module, loader, runtime: Runtime) -> object:
+        """The model's outputs on `loader`'s samples (one process's share of a split), picklable."""
         raise NotImplementedError
+
+    def score(self, parts: list) -> Evaluation:
+        """The metrics of every share's `infer` together: equal to those of one pass over the whole split."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
+        """The metrics of the samples `loader` holds, in this process alone."""
+        return self.score([self.infer(model, loader, runtime)])
 
     def prepare(self, cfg: DictConfig, data: TaskData) -> None:
         """Set up what depends on the training data (nothing by default)."""

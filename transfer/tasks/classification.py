@@ -96,9 +96,19 @@ class Classification(Task):
             modes[f"top{k}"] = "max"
         return modes
 
-    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
-        logits, labels, _, skipped = predict_logits(with_tta(model, runtime.tta), loader, runtime.normalize,
-                                                    runtime.amp_dtype)
+    def infer(self, model: nn.Module, loader, runtime: Runtime) -> tuple:
+        """(logits, labels, dataset indices, skipped files) of this process's share of the split."""
+        return predict_logits(with_tta(model, runtime.tta), loader, runtime.normalize, runtime.amp_dtype)
+
+    def score(self, parts: list[tuple]) -> Evaluation:
+        """Every share's logits in dataset order, so any number of shards scores as one pass does."""
+        kept = [part for part in parts if len(part[0])]
+        if not kept:
+            raise UserError("no readable images to evaluate.")
+        indices = torch.cat([part[2] for part in kept])
+        order = torch.argsort(indices)
+        logits, labels = torch.cat([part[0] for part in kept])[order], torch.cat([part[1] for part in kept])[order]
+        skipped = [item for part in parts for item in part[3]]
         with warnings.catch_warnings():  # a folder with a subset of the classes (transfer eval) is expected
             warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
             metrics = classification_metrics(logits, labels, logits.shape[1], "x", self.top_k)

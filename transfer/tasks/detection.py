@@ -97,15 +97,24 @@ class Detection(Task):
         return {"map": "max", "map50": "max", "map75": "max"}
 
     @torch.no_grad()
-    def evaluate(self, model: Detector, loader, runtime: Runtime) -> Evaluation:
-        """COCO mAP in the network's input frame (a plain resize: the AP is unchanged by it)."""
+    def infer(self, model: Detector, loader, runtime: Runtime) -> tuple:
+        """(dataset indices, ground truths, predictions, skipped files) of this process's share, in the
+        network's input frame (a plain resize: the AP is unchanged by it)."""
         model.eval()
-        truths, predictions, skipped = [], [], []
+        indices, truths, predictions, skipped = [], [], [], []
         for batch in loader:
             skipped += batch["skipped"]
             if len(batch["image"]):
                 predictions += [{k: v.cpu() for k, v in p.items()} for p in model(batch["image"].to(runtime.device))]
                 truths += batch["targets"]
+                indices += [int(index) for index in batch["index"]]
+        return indices, truths, predictions, skipped
+
+    def score(self, parts: list[tuple]) -> Evaluation:
+        """COCO mAP over every share's images in dataset order (the order breaks ties between equal scores)."""
+        rows = sorted((row for part in parts for row in zip(*part[:3])), key=lambda row: row[0])
+        truths, predictions = [row[1] for row in rows], [row[2] for row in rows]
+        skipped = [item for part in parts for item in part[3]]
         return Evaluation(coco_metrics(truths, predictions, len(self.classes)), skipped)
 
     @torch.no_grad()

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from transfer.data.cache import cache_root
 from transfer.data.dataset import ImageDataset, raise_if_strict
 from transfer.data.loaders import build_loader
-from transfer.distributed import is_main
+from transfer.distributed import gather, is_main
 from transfer.errors import UserError
 from transfer.files import atomic_write, write_json
 from transfer.models.inference import autocast, fold_batchnorm, same_outputs
@@ -154,13 +154,14 @@ def train_on_features(cfg, model: nn.Module, data, loaders: dict, normalize, amp
     for split, dataset in data.datasets.items():
         key = feature_key(cfg, model, weights, dataset, normalize, amp_dtype, device)
         found = load_features(folder, key)
-        if found is None:
+        if not all(gather(found is not None)):  # several processes extract together unless all hold the cache
             found = extract(model, dataset, cfg.data.eval_batch_size, cfg.data.num_workers, normalize, amp_dtype)
             if found is None:
                 log("linear probe on images every epoch: this model's classifier does not act on "
                     "forward_head(pre_logits=True) alone")
                 return model, loaders, normalize, 0.0
-            save_features(folder, key, found)
+            if is_main():
+                save_features(folder, key, found)
         features[split] = found
         data.skipped.extend(item for item in found.skipped if item not in data.skipped)
     feature_loaders = {}
@@ -168,7 +169,7 @@ def train_on_features(cfg, model: nn.Module, data, loaders: dict, normalize, amp
         original = loaders[split]
         dataset = FeatureDataset(found, data.datasets[split].records)
         feature_loaders[split] = build_loader(dataset, original.batch_size, train=split == "train", num_workers=0,
-                                              seed=cfg.seed, sampler=cfg.data.get("sampler", "random"))
+                                              seed=cfg.seed, sampler=cfg.data.get("sampler", "random"), shard=True)
     seconds = time.perf_counter() - started
     summary = ", ".join(f"{split} {len(f.labels)}×{f.values.shape[1]} ({'cached' if f.cached else f'{f.seconds:.1f}s'})"
                         for split, f in features.items())
@@ -188,8 +189,8 @@ def extract(model: nn.Module, dataset: ImageDataset, batch_size: int, num_worker
     was_training = model.training
     model.eval()
     runner = fold_batchnorm(model) or model  # checked below with the rest: the model's logits from its features
-    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, seed=0)
-    values, labels, indices, skipped, checked = [], [], [], [], False
+    loader = build_loader(dataset, batch_size, train=False, num_workers=num_workers, seed=0, shard=True)
+    values, labels, indices, skipped, matches = [], [], [], [], None
     try:
         for batch in loader:
             raise_if_strict(batch)  # data.on_bad_image=error
@@ -199,19 +200,28 @@ def extract(model: nn.Module, dataset: ImageDataset, batch_size: int, num_worker
             images = normalize(batch["image"])
             with autocast(normalize.device, amp_dtype):
                 found = pre_logits(runner, images)
-                if not checked:
-                    if not classifier_matches(model, images[:4], found[:4]):
-                        return None
-                    checked = True
+                if matches is None:
+                    matches = classifier_matches(model, images[:4], found[:4])
+                    if not matches:
+                        break
             values.append(found.float().cpu())
             labels.append(batch["label"])
             indices.append(batch["index"])
     finally:
         model.train(was_training)
+    shares = gather((matches, values, labels, indices, skipped))  # every process's shard, in dataset order
+    if any(share[0] is False for share in shares):
+        return None
+    values, labels, indices = ([item for share in shares for item in share[column]] for column in (1, 2, 3))
     if not values:
-        values, labels, indices = [torch.empty(0, 0)], [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]
-    return Features(torch.cat(values).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy(), skipped,
-                    cached=False, seconds=time.perf_counter() - started)
+        return Features(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                        [item for share in shares for item in share[4]], cached=False,
+                        seconds=time.perf_counter() - started)
+    indices = torch.cat(indices)
+    order = torch.argsort(indices)
+    return Features(torch.cat(values)[order].numpy(), torch.cat(labels)[order].numpy(), indices[order].numpy(),
+                    [item for share in shares for item in share[4]], cached=False,
+                    seconds=time.perf_counter() - started)
 
 
 def classifier_matches(model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> bool:

@@ -109,8 +109,9 @@ class Segmentation(Task):
         return {"miou": "max", "pixel_accuracy": "max", "loss": "min", **{f"iou/{name}": "max" for name in classes}}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, runtime: Runtime) -> Evaluation:
-        """Float32 (the summed confusion matrix needs no speed-up that costs precision)."""
+    def infer(self, model: nn.Module, loader, runtime: Runtime) -> tuple:
+        """(confusion matrix, summed loss, labelled pixels, skipped files) of this process's share; float32 (the
+        summed confusion matrix needs no speed-up that costs precision)."""
         model.eval()
         count = len(self.classes)
         matrix, loss_sum, pixels, skipped = np.zeros((count, count), np.int64), 0.0, 0, []
@@ -123,6 +124,13 @@ class Segmentation(Task):
             loss_sum += float(F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="sum"))
             pixels += int((masks != self.ignore_index).sum())
             matrix += batch_confusion(masks.cpu(), logits.argmax(1).cpu(), count, self.ignore_index)
+        return matrix, loss_sum, pixels, skipped
+
+    def score(self, parts: list[tuple]) -> Evaluation:
+        """Sums of the shares' matrices and losses: the same numbers as one pass."""
+        matrix = sum(part[0] for part in parts)
+        loss_sum, pixels = sum(part[1] for part in parts), sum(part[2] for part in parts)
+        skipped = [item for part in parts for item in part[3]]
         return Evaluation({"loss": loss_sum / max(pixels, 1), **segmentation_metrics(matrix, self.classes)}, skipped)
 
     @torch.no_grad()
