@@ -10,7 +10,10 @@
 # names an image folder, then runs bench/throughput.py for resnet50 and tf_efficientnet_lite0 at 224 px,
 # bf16 autocast, channels_last: eager with data.cache=ram and none, then torch.compile'd with ram. Each run prints one
 # line: compute-only and end-to-end images/s for training and evaluation and their ratio. The lines are
-# also written to $OUT/gpu_check.txt when OUT is set (else bench/out/gpu_check.txt).
+# also written to $OUT/gpu_check.txt when OUT is set (else bench/out/gpu_check.txt). Last, a data-parallel smoke
+# run: `transfer train trainer.processes=N` (N = GPUs, at least 2 processes; several on one GPU when it is
+# alone) on the embedded digits for 2 epochs, nccl between processes, whose test top-1 must equal
+# `transfer eval` of its best.pt in one process.
 #
 # Settings (environment): ROOT (image folder), MODELS, SIZE (224), BATCH (128), ROUNDS (2), COMPILE (1),
 # CACHES ("ram none"), WHEELS (bench/wheels), PYTHON (python3).
@@ -64,4 +67,25 @@ for model in $MODELS; do
         done
     done
 done
+
+# data-parallel smoke run (nccl): one process per GPU, two on a single GPU
+GPUS=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
+PROCESSES=$(( GPUS > 1 ? GPUS : 2 ))
+DDP_RUN=$(mktemp -d)/ddp
+if $PYTHON -m transfer train trainer.processes="$PROCESSES" trainer.epochs=2 trainer.progress=plain \
+        hydra.run.dir="$DDP_RUN" model.pretrained=false > "${RESULTS%.txt}.ddp.log" 2>&1 \
+   && $PYTHON -m transfer eval checkpoint="$DDP_RUN/best.pt" >> "${RESULTS%.txt}.ddp.log" 2>&1; then
+    $PYTHON - "$DDP_RUN" <<'PY' | tee -a "$RESULTS"
+import json, sys
+run = sys.argv[1]
+trained, alone = json.load(open(f"{run}/metrics.json")), json.load(open(f"{run}/eval-test/metrics.json"))
+same = trained["test/top1"] == alone["test/top1"]
+print(f"ddp: {json.load(open(f'{run}/run_info.json'))['batches']} test top1 {trained['test/top1']:.4f}, "
+      f"eval in one process {alone['test/top1']:.4f}: {'same' if same else 'DIFFERENT'}")
+sys.exit(0 if same else 1)
+PY
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+else
+    echo "gpu_check: the data-parallel smoke run failed:"; tail -5 "${RESULTS%.txt}.ddp.log"; status=1
+fi
 exit $status

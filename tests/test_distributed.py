@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from test_detection import write_coco_split
@@ -187,6 +189,23 @@ def test_two_processes_train_dense_tasks(task, engine_folders, tmp_path):
 
 
 @pytest.mark.ddp
+@pytest.mark.parametrize("strategy", [
+    ["finetune=gradual", "finetune.unfreeze_every=1", "ema.enabled=true"],  # a new DDP wrapper each epoch
+    ["finetune=linear_probe", "augment=none"],  # features extracted in shards, the head on cached features
+])
+def test_freezing_strategies_and_ema_under_two_processes(strategy, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run(torchrun(["train", "model=timm", "model.name=test_efficientnet", "model.pretrained=false",
+                         "trainer.epochs=3", "trainer.progress=plain", f"hydra.run.dir={run_dir}", *strategy]))
+    assert done.returncode == 0, done.stderr
+    if "augment=none" in strategy:
+        assert "linear probe on cached features" in done.stdout
+        note = json.loads((run_dir / "features.json").read_text())
+        assert note["splits"]["train"]["images"] == 1257  # every image once, gathered from both shards
+    assert_same_as_one_process(run_dir, "test")
+
+
+@pytest.mark.ddp
 def test_two_machines_on_localhost(engine_folders, tmp_path):
     """nnodes=2, one process each, c10d rendezvous on 127.0.0.1: the README's two-machine command."""
     run_dir, port = tmp_path / "nodes", free_port()
@@ -237,25 +256,33 @@ def test_a_killed_process_ends_the_run_with_a_message(engine_folders, tmp_path):
 
 @pytest.mark.ddp
 def test_sigterm_to_one_process_stops_all_with_one_last_pt_and_resume_is_exact(engine_folders, tmp_path):
-    whole_dir, split_dir = tmp_path / "whole", tmp_path / "split"
-    epochs = 4
-    done = run(torchrun(["train", *engine_folders["segmentation"], f"trainer.epochs={epochs}",
-                         f"hydra.run.dir={whole_dir}"]))
+    """Batch 1: seven steps an epoch per process, so the stop usually lands mid-epoch, where each process's
+    random streams and BatchNorm statistics must come back for the resumed run to equal the whole one."""
+    whole_dir, split_dir, epochs = tmp_path / "whole", tmp_path / "split", 4
+    args = [item.replace("data.batch_size=4", "data.batch_size=1") for item in engine_folders["segmentation"]]
+    done = run(torchrun(["train", *args, f"trainer.epochs={epochs}", f"hydra.run.dir={whole_dir}"]))
     assert done.returncode == 0, done.stderr
-    launcher = start_long_run(engine_folders, split_dir, epochs)
+    launcher = subprocess.Popen(torchrun(["train", *args, f"trainer.epochs={epochs}", f"hydra.run.dir={split_dir}"]),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     wait_for(split_dir / "last.pt")
+    time.sleep(0.3)
     os.kill(worker_pids(launcher)[1], signal.SIGTERM)  # the process that does not write
     out, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0 and err.count("last.pt written; resume with") == 1, err
     stopped = load_checkpoint(split_dir / "last.pt")
-    assert stopped["epoch"] < epochs
+    assert stopped["epoch"] < epochs, "the run ended before the signal: nothing was tested"
+    if stopped["step"]:  # a mid-epoch checkpoint does not continue with another number of processes
+        other_dir = tmp_path / "other"
+        shutil.copytree(split_dir, other_dir)
+        other = run([sys.executable, "-m", "transfer", "train", "--config", str(other_dir / "config.yaml"),
+                     f"trainer.resume={other_dir / 'last.pt'}"])
+        assert other.returncode == 2 and "Resume it with 2 process(es)" in other.stderr, other.stderr
     again = run(torchrun(["train", "--config", str(split_dir / "config.yaml"), f"trainer.resume={split_dir}"]))
     assert again.returncode == 0, again.stderr
-    ours = [{k: v for k, v in row.items() if k != "seconds"} for row in load_checkpoint(split_dir / "last.pt")["history"]]
-    theirs = [{k: v for k, v in row.items() if k != "seconds"}
-              for row in load_checkpoint(whole_dir / "last.pt")["history"]]
-    assert ours == theirs
-    if stopped["step"]:  # a mid-epoch checkpoint does not continue with another number of processes
-        other = run([sys.executable, "-m", "transfer", "train", "--config", str(split_dir / "config.yaml"),
-                     f"trainer.resume={split_dir / 'last.pt'}"])
-        assert other.returncode == 2
+    resumed, whole = load_checkpoint(split_dir / "last.pt"), load_checkpoint(whole_dir / "last.pt")
+    assert [without_seconds(row) for row in resumed["history"]] == [without_seconds(row) for row in whole["history"]]
+    assert all(torch.equal(resumed["model"][key], whole["model"][key]) for key in whole["model"])
+
+
+def without_seconds(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != "seconds"}

@@ -178,6 +178,9 @@ TABLE = {
     ("trainer.feature_cache=off", "finetune=linear_probe", "augment=none"):
         {"classification": printed("linear probe on images every epoch: trainer.feature_cache=off"),
          "segmentation": REFUSED, "detection": REFUSED},
+    # several processes: tests/test_distributed.py runs them; here the refusals that need no second process
+    ("trainer.processes=0",): dict.fromkeys(TASKS, REFUSED),
+    ("trainer.sync_batchnorm=true",): dict.fromkeys(TASKS, REFUSED),  # CUDA only
     ("data.val_fraction=0.3",): dict.fromkeys(TASKS, split_grew("val")),
     ("data.test_fraction=0.4",): {"classification": split_grew("test"), "segmentation": split_grew("test"),
                                   "detection": lambda r, b: r.code == 0 and r.splits() == b.splits()},  # test/ given

@@ -34,6 +34,12 @@ DISK_FORMAT = 1
 DISK_RESERVE_BYTES = 1 << 30  # a disk cache never leaves less free space than this
 
 
+def say(message: str) -> None:
+    """What the cache did, once per run (several processes each build their own)."""
+    if is_main():
+        print(message)
+
+
 def default_cache_dir() -> Path:
     """$TRANSFER_CACHE_DIR, else $XDG_CACHE_HOME/transfer, else ~/.cache/transfer."""
     if os.environ.get("TRANSFER_CACHE_DIR"):
@@ -101,7 +107,7 @@ def fill_cache(records: list[Record], keep_side: int, budget_bytes: int | None =
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes() // 2
     needed = estimate_bytes(records, keep_side)
     if needed > budget:
-        print(f"data.cache=ram needs ~{_size(needed)} but the budget is {_size(budget)} (half the available "
+        say(f"data.cache=ram needs ~{_size(needed)} but the budget is {_size(budget)} (half the available "
               "memory); reading images from disk each epoch instead (data.cache=none; data.cache=disk keeps them "
               "in a memory-mapped file).")
         return None, []
@@ -109,8 +115,7 @@ def fill_cache(records: list[Record], keep_side: int, budget_bytes: int | None =
     for source, image in _decoded(records, keep_side, strict, skipped):
         cache[source] = image
     held = sum(image.nbytes for image in cache.values())
-    if is_main():  # several processes each hold their own copy; one line says it
-        print(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
+    say(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
     return cache, skipped
 
 
@@ -164,7 +169,7 @@ class DiskCache:
             if strict and cache.skipped:
                 path, reason = cache.skipped[0]
                 raise UserError(f"bad image {path}: {reason} (data.on_bad_image=error)")
-            print(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path} (reused), "
+            say(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path} (reused), "
                   f"memory-mapped")
             return cache, cache.skipped
         needed = estimate_bytes(records, keep_side)
@@ -172,21 +177,21 @@ class DiskCache:
             folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(folder).free
         except OSError as error:
-            print(f"data.cache=disk: cannot use {folder} ({error.strerror or error}); reading images from disk "
+            say(f"data.cache=disk: cannot use {folder} ({error.strerror or error}); reading images from disk "
                   "each epoch instead (data.cache=none). Set data.cache_dir to a writable folder.")
             return None, []
         if needed > free - DISK_RESERVE_BYTES:
-            print(f"data.cache=disk needs ~{_size(needed)} but {folder} has {_size(free)} free (keeping "
+            say(f"data.cache=disk needs ~{_size(needed)} but {folder} has {_size(free)} free (keeping "
                   f"{_size(DISK_RESERVE_BYTES)}); reading images from disk each epoch instead (data.cache=none). "
                   "Point data.cache_dir at a larger disk.")
             return None, []
         try:
             cache = cls.build(records, keep_side, data_path, index_path, strict)
         except OSError as error:
-            print(f"data.cache=disk: writing {data_path} failed ({error.strerror or error}); reading images from "
+            say(f"data.cache=disk: writing {data_path} failed ({error.strerror or error}); reading images from "
                   "disk each epoch instead (data.cache=none).")
             return None, []
-        print(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path}, memory-mapped")
+        say(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path}, memory-mapped")
         return cache, cache.skipped
 
     @classmethod
