@@ -16,7 +16,9 @@ from transfer.errors import UserError
 USAGE = """usage: transfer <command> [key=value ...]
 
 commands:
-  train            fine-tune a model (transfer train --help lists config groups and recipes)
+  train            fine-tune a model (transfer train --help lists config groups and recipes);
+                   transfer train -m key=a,b other=x,y runs every combination (Hydra multirun) with a summary
+  sweep            an Optuna search: transfer sweep trials=16 'optim.lr=tag(log, interval(1e-4, 1e-2))' ...
   eval             evaluate a checkpoint: transfer eval checkpoint=RUN/best.pt [split=test] [data.root=DIR] [tta=flip]
   predict          run a checkpoint on images: transfer predict checkpoint=RUN/best.pt input=FILE_OR_FOLDER [top_k=5]
   augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
@@ -30,7 +32,7 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "eval", "predict", "augment-preview", "export", "lr-find")
+COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +66,18 @@ def dispatch(command: str, arguments: list[str]) -> int:
 
         print(command_help(command, USAGE))
         return 0
+    if command == "train" and ("-m" in arguments or "--multirun" in arguments):
+        from transfer.cli.multirun import multirun_entry
+
+        return multirun_entry(arguments)
     if command == "train":
         from transfer.cli.train import train_command
 
         return train_command(arguments)
+    if command == "sweep":
+        from transfer.cli.sweep import sweep_command
+
+        return sweep_command(arguments)
     if command == "eval":
         from transfer.cli.evaluate import eval_command
 

@@ -8,9 +8,13 @@ from transfer.config import PRIMARY_CONFIG, compose, config_dir, group_options, 
 
 
 def command_help(command: str, usage: str) -> str:
+    if command == "sweep":
+        from transfer.cli import sweep
+
+        return sweep.__doc__.replace("`", "")
     if command != "train":
         return usage
-    lines = ["usage: transfer train [--config RUN/config.yaml] [--cfg] [group=option ...] [key=value ...]",
+    lines = ["usage: transfer train [--config RUN/config.yaml] [--cfg] [-m] [group=option ...] [key=value ...]",
              "", "config groups (pick one with group=option; defaults marked *):"]
     defaults = defaults_list()
     for group in groups():
@@ -27,7 +31,9 @@ def command_help(command: str, usage: str) -> str:
               "  transfer train optim.lr=auto          # run the LR finder first (transfer lr-find plots the sweep)",
               "  transfer train task=segmentation data.root=/my/scenes   # classes.txt + images/ + masks/",
               "  transfer train task=detection data.root=/my/coco        # annotations.json + images/ (COCO)",
-              "  transfer train trainer.monitor=val/loss trainer.early_stop_patience=3"]
+              "  transfer train trainer.monitor=val/loss trainer.early_stop_patience=3",
+              "  transfer train -m seed=0,1,2 optim.lr=1e-3,3e-3   # multirun: every combination, mean ± std over seeds",
+              "  transfer train trainer.processes=2        # data-parallel: torchrun's launcher with 2 processes"]
     return "\n".join(lines)
 
 

@@ -32,7 +32,9 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def train_command(arguments: list[str]) -> int:
-    config_file, overrides, show_only = train_flags(arguments)
+    config_file, overrides, show_only, multirun = train_flags(arguments)
+    if multirun:  # cli/__init__.py sends -m to transfer.cli.multirun
+        raise UserError("-m runs several jobs; --cfg shows one config: drop one of them.")
     cfg, record = compose_run(overrides, config_file)
     if show_only:
         print(OmegaConf.to_yaml(without_hydra(cfg), resolve=True))
@@ -104,12 +106,14 @@ def recorded_overrides(run_dir: Path) -> list[str]:
     return [str(item) for item in OmegaConf.load(path).get("overrides", [])]
 
 
-def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None) -> dict[str, float]:
+def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None, hooks=None) -> dict[str, float]:
     """Train into `run_dir` under its lock; a failure before the first checkpoint removes a folder made for it."""
-    from transfer.engine.fit import train  # torch, timm: seconds to import, so only once the config is valid
+    from transfer.engine.fit import Hooks, train  # torch, timm: seconds to import, so only once the config is valid
+
+    hooks = hooks or Hooks()
 
     if not distributed.is_main():  # rank 0 holds and writes the run directory; the others only compute
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, hooks)
     lock = lock_run_dir(run_dir)
     try:
         if not cfg.trainer.resume and (run_dir / "config.yaml").exists():  # another run got there first
@@ -118,7 +122,7 @@ def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None) -> dict
         if record is not None and not cfg.trainer.resume:
             write_text(run_dir / COMPOSITION, OmegaConf.to_yaml(OmegaConf.create(record)))
         try:
-            return train(cfg, run_dir)  # writes config.yaml once the data, model and any resume are checked
+            return train(cfg, run_dir, hooks)  # writes config.yaml once the data, model and any resume are checked
         except OSError as error:
             if error.errno not in DISK_ERRORS:
                 raise
@@ -135,8 +139,8 @@ def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None) -> dict
             lock.close()
 
 
-def train_flags(arguments: list[str]) -> tuple[str | None, list[str], bool]:
-    config_file, overrides, show_only = None, [], False
+def train_flags(arguments: list[str]) -> tuple[str | None, list[str], bool, bool]:
+    config_file, overrides, show_only, multirun = None, [], False, False
     items = iter(arguments)
     for item in items:
         if item == "--config":
@@ -147,8 +151,11 @@ def train_flags(arguments: list[str]) -> tuple[str | None, list[str], bool]:
             config_file = item.split("=", 1)[1]
         elif item in ("--cfg", "--show-config"):
             show_only = True
+        elif item in ("-m", "--multirun"):
+            multirun = True
         elif item.startswith("-"):
-            raise UserError(f"unknown option {item}. Options: --config PATH, --cfg, --help; the rest are key=value.")
+            raise UserError(f"unknown option {item}. Options: --config PATH, --cfg, -m/--multirun, --help; the rest "
+                            "are key=value.")
         else:
             overrides.append(item)
-    return config_file, overrides, show_only
+    return config_file, overrides, show_only, multirun

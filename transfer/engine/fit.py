@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -30,11 +31,21 @@ from transfer.models.backbone import count_parameters
 from transfer.tasks.base import Evaluation
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What a caller that runs many trainings (a sweep) adds: `observe(row)` after every epoch's checkpoint (it may
+    raise to end the run there, as a pruned trial does), and the splits evaluated at the end (a sweep's trials
+    leave the test split alone: it is scored once, for the best trial)."""
+
+    observe: Callable[[dict], None] | None = None
+    final_splits: tuple[str, ...] = ("val", "test")
+
+
+def train(cfg: DictConfig, run_dir: Path, hooks: Hooks = Hooks()) -> dict[str, float]:
     """Fine-tune as configured, write the run directory, return the final metrics. With several processes, a
     process that ends (killed, out of memory) makes the others stop with one line instead of a traceback."""
     try:
-        return train_run(cfg, run_dir)
+        return train_run(cfg, run_dir, hooks)
     except Exception as error:
         if not (distributed.active() and lost_peer(error)):
             raise
@@ -44,7 +55,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                         f"processes and trainer.resume={run_dir / 'last.pt'}.") from None
 
 
-def train_run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
     setup, error = None, None
     try:
         setup = build_setup(cfg)
@@ -89,8 +100,9 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         remove_temporaries(run_dir)  # left by a run killed while saving; we hold the run directory's lock
     run = dataclasses.replace(setup, model=model, loaders=loaders, runtime=runtime)
     try:
-        best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped)
-        return finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None)
+        best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe)
+        return finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None,
+                      hooks.final_splits)
     except NonFiniteError as error:
         if not is_main():  # every rank met the same agreed step: rank 0 says it
             raise ReportedElsewhere("") from None
@@ -102,7 +114,8 @@ def train_run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, meta: dict, state: dict,
-               run_dir: Path, skipped: SkippedFiles) -> Evaluation | None:
+               run_dir: Path, skipped: SkippedFiles, observe: Callable[[dict], None] | None = None
+               ) -> Evaluation | None:
     """The epochs from where `state` stands; returns the val evaluation of the best weights when it was the
     last epoch's (the final report then needs no second pass)."""
     loop = Loop(run.model, run.task, kit, run.runtime, cfg, skipped)
@@ -141,6 +154,8 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
             meta.update(kit.checkpoint_entries())
             save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
             log(summary(row, epochs, monitor.name, improved))
+            if observe is not None:
+                observe(row)
             if loop.stop_agreed(stop):
                 raise interrupted(stop, run_dir, epoch + 1, 0, len(loaders["train"]), epochs)
             if state["epoch"] < epochs and monitor.should_stop(cfg.trainer.get("early_stop_patience"), state):
@@ -161,7 +176,7 @@ def validate(run: Setup, kit: Techniques, row: dict, skipped: SkippedFiles) -> E
 
 
 def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: Path, skipped: SkippedFiles,
-           best_val: Evaluation | None) -> dict[str, float]:
+           best_val: Evaluation | None, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
     """Evaluate the best weights on every held-out split; reports, pictures, metrics.json and the curves."""
     best_path = run_dir / "best.pt"
     if distributed.broadcast(best_path.exists() if is_main() else None):
@@ -171,7 +186,7 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
     tta = cfg.trainer.get("tta") or "none"
     runtime = dataclasses.replace(run.runtime, tta=tta)
-    for split in ("val", "test"):
+    for split in splits:
         if split not in run.loaders:
             continue
         reuse = split == "val" and best_val is not None and tta == "none"
