@@ -92,12 +92,16 @@ def write_coco_split(folder: Path, count: int, seed: int = 0, side: int = 64) ->
     return coco
 
 
+def write_coco_folder(root: Path, train: int = 16, test: int = 6) -> Path:
+    """A detection data folder: train/ and test/ COCO splits."""
+    write_coco_split(root / "train", train, seed=0)
+    write_coco_split(root / "test", test, seed=1)
+    return root
+
+
 @pytest.fixture
 def coco_folder(tmp_path: Path) -> Path:
-    root = tmp_path / "scenes"
-    write_coco_split(root / "train", 16, seed=0)
-    write_coco_split(root / "test", 6, seed=1)
-    return root
+    return write_coco_folder(tmp_path / "scenes")
 
 
 # ----------------------------------------------------------------------------------------------

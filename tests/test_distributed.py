@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from test_detection import write_coco_split
-from test_segmentation import CLASSES as SEGMENTATION_CLASSES, write_scene
+from test_detection import write_coco_folder
+from test_segmentation import write_scene_folder
 from transfer.checkpoint import load_checkpoint
 from transfer.cli.launch import check_processes
 from transfer.data.loaders import BalancedEpochSampler, EpochSampler
@@ -108,13 +108,7 @@ def test_shards_score_as_one_pass(task, engine_folders):
 @pytest.fixture(scope="module")
 def engine_folders(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("ddp-data")
-    scenes = root / "scenes"
-    for n in range(20):
-        write_scene(scenes, f"s{n}", seed=n)
-    (scenes / "classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
-    coco = root / "coco"
-    write_coco_split(coco / "train", 12, seed=0)
-    write_coco_split(coco / "test", 5, seed=1)
+    scenes, coco = write_scene_folder(root / "scenes", 20), write_coco_folder(root / "coco", train=12, test=5)
     return {
         "classification": ["trainer.epochs=1", "data.batch_size=32", "trainer.progress=plain"],  # digits, Lite0
         "segmentation": ["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
@@ -184,8 +178,8 @@ def test_two_processes_train_dense_tasks(task, engine_folders, tmp_path):
     run_dir = tmp_path / task
     done = run(torchrun(["train", *engine_folders[task], f"hydra.run.dir={run_dir}"]))
     assert done.returncode == 0, done.stderr
-    split = "test" if task == "detection" else "val"
-    assert_same_as_one_process(run_dir, split)
+    assert_same_as_one_process(run_dir, "test")
+    assert_same_as_one_process(run_dir, "val")
 
 
 @pytest.mark.ddp

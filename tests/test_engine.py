@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from conftest import write_png
-from test_detection import write_coco_split
-from test_segmentation import CLASSES as SEGMENTATION_CLASSES, write_scene
+from test_detection import write_coco_folder
+from test_segmentation import write_scene_folder
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import main
 
@@ -66,13 +66,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[st
     for index, count in enumerate((16, 10, 8)):  # imbalanced, so class weights change the loss
         for n in range(count):
             write_png(root / "images" / f"c{index}" / f"{n}.png", index, seed=100 * index + n)
-    scenes = root / "scenes"
-    for n in range(24):
-        write_scene(scenes, f"s{n}", seed=n)
-    (scenes / "classes.txt").write_text("\n".join(SEGMENTATION_CLASSES) + "\n")
-    coco = root / "coco"
-    write_coco_split(coco / "train", 16, seed=0)
-    write_coco_split(coco / "test", 6, seed=1)
+    scenes, coco = write_scene_folder(root / "scenes", 24), write_coco_folder(root / "coco")
     return {
         "classification": ([f"data.root={root / 'images'}", "preprocess.input_size=32", *MODEL], "c0/broken.png"),
         "segmentation": (["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
@@ -354,3 +348,11 @@ def test_lr_find_sweeps_every_tasks_own_loss(task, folders, tmp_path) -> None:
     sweep = json.loads((tmp_path / "lr_find.json").read_text())
     assert len(sweep["lrs"]) >= 3 and all(np.isfinite(sweep["losses"][:3]))
     assert sweep["lrs"][0] <= sweep["suggestion"] <= sweep["lrs"][-1] and "suggested optim.lr=" in out.getvalue()
+
+
+def test_a_batch_batchnorm_cannot_normalise_is_one_line(folders, tmp_path: Path) -> None:
+    """Batches of one image reach a 1×1 BatchNorm map at 32 px: torch's ValueError becomes the fix, in one line."""
+    args, _ = folders["segmentation"]
+    result = cli([*(a for a in args if a != "data.batch_size=4"), "data.batch_size=1"], tmp_path / "run")
+    assert refused(result, result, "data.batch_size=2"), result.err
+    assert not (tmp_path / "run").exists()

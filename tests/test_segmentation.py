@@ -77,6 +77,14 @@ def write_scene(root: Path, name: str, seed: int, side: int = 32, mask_values=No
     Image.fromarray(mask).save(root / "masks" / f"{name}.png")
 
 
+def write_scene_folder(root: Path, count: int) -> Path:
+    """A segmentation data folder: `count` scenes and classes.txt."""
+    for n in range(count):
+        write_scene(root, f"s{n}", seed=n)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return root
+
+
 @pytest.fixture
 def scenes(tmp_path: Path) -> Path:
     """tmp_path/scenes: classes.txt and eight image/mask pairs, one pooled folder."""

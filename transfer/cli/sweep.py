@@ -53,7 +53,8 @@ def sweep_command(arguments: list[str]) -> int:
     if not objective.startswith("val/"):
         raise UserError(f"objective={objective}: a sweep chooses on validation; name a val/ metric, e.g. val/top1.")
     if not cfg.data.get("val_fraction") and cfg.data.root is not None:
-        print("sweep: note data.val_fraction=0: trials are chosen on the data's own val/ folder, if it has one")
+        print("sweep: data.val_fraction=0: the trials need the data's own val/ folder (else set data.val_fraction, "
+              "e.g. 0.2, to hold some training images out for the choice)", flush=True)
     settings = {"trials": positive_int(options, "trials", 16), "objective": objective,
                 "direction": direction(options.get("direction", "auto"), objective),
                 "sampler": options.get("sampler", "tpe"), "pruner": options.get("pruner", "median"),
@@ -160,13 +161,13 @@ def run_study(optuna, folder: Path, settings: dict, space: dict) -> int:
         print(f"sweep: trial {trial.number} was running when the sweep stopped: marked failed", flush=True)
     counted = (TrialState.COMPLETE, TrialState.PRUNED)
     remaining = settings["trials"] - len(study.get_trials(deepcopy=False, states=counted))
-    print(f"sweep: {settings['trials']} trials ({remaining} to run) maximising " if settings["direction"] == "maximize"
-          else f"sweep: {settings['trials']} trials ({remaining} to run) minimising ", end="")
-    print(f"{settings['objective']} over {', '.join(space)}; study in {folder / 'study.db'}", flush=True)
+    goal = "maximising" if settings["direction"] == "maximize" else "minimising"
+    print(f"sweep: {settings['trials']} trials ({remaining} to run) {goal} {settings['objective']} over "
+          f"{', '.join(space)}; study in {folder / 'study.db'}", flush=True)
     if remaining > 0:
         study.optimize(lambda trial: objective(optuna, trial, folder, settings, space), n_trials=remaining,
                        catch=(UserError,), callbacks=[lambda study, trial: write_trials(study, folder, settings)])
-    return finish_study(optuna, study, folder, settings)
+    return finish_study(study, folder, settings)
 
 
 def objective(optuna, trial, folder: Path, settings: dict, space: dict) -> float:
@@ -214,7 +215,7 @@ def short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def finish_study(optuna, study, folder: Path, settings: dict) -> int:
+def finish_study(study, folder: Path, settings: dict) -> int:
     """The table, the plots, the best trial's recipe and its test metrics (the test split's one use)."""
     from optuna.trial import TrialState
 
@@ -222,7 +223,7 @@ def finish_study(optuna, study, folder: Path, settings: dict) -> int:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"no trial of {folder} completed (see {folder / 'trials.csv'}): nothing to choose from.")
-    plots(optuna, study, folder)
+    plots(study, folder)
     best = study.best_trial
     best_dir = Path(best.user_attrs["run_dir"])
     recipe = write_recipe(folder, best, settings)
@@ -246,16 +247,29 @@ def finish_study(optuna, study, folder: Path, settings: dict) -> int:
     return 0
 
 
-def plots(optuna, study, folder: Path) -> None:
+def plots(study, folder: Path) -> None:
+    """Optuna's own views (they draw through pyplot: each figure is closed once saved)."""
+    import matplotlib.pyplot as pyplot
     from optuna.visualization import matplotlib as views
 
     with warnings.catch_warnings():  # Optuna marks its matplotlib views experimental
         warnings.simplefilter("ignore")
-        save_figure(views.plot_optimization_history(study).figure, folder / "history.png")
-        try:
-            save_figure(views.plot_param_importances(study).figure, folder / "importances.png")
-        except (ValueError, RuntimeError) as error:  # too few complete trials, or a single parameter
-            print(f"sweep: no importances plot ({error})", flush=True)
+        for name, view in (("history.png", views.plot_optimization_history),
+                           ("importances.png", views.plot_param_importances)):
+            try:
+                figure = fitted(view(study).figure)
+            except (ValueError, RuntimeError) as error:  # importances: too few complete trials or parameters
+                print(f"sweep: no {name} ({error})", flush=True)
+                continue
+            save_figure(figure, folder / name)
+            pyplot.close(figure)
+
+
+def fitted(figure):
+    """Room for long parameter names (Optuna's layout cuts them)."""
+    figure.set_size_inches(8, 5)
+    figure.tight_layout()
+    return figure
 
 
 def write_recipe(folder: Path, best, settings: dict) -> Path:

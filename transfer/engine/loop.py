@@ -19,6 +19,7 @@ from transfer.engine.parallel import Replicated, average_batchnorm
 from transfer.engine.rundir import SkippedFiles, progress_mode
 from transfer.engine.state import NonFiniteError
 from transfer.engine.techniques import Techniques
+from transfer.errors import UserError
 from transfer.models.finetune import set_train_mode
 from transfer.models.inference import autocast
 from transfer.tasks.base import Runtime, Task
@@ -98,7 +99,13 @@ class Loop:
 
     def update(self, batch: dict, runtime: Runtime) -> tuple[float, dict | None]:
         with autocast(runtime.device, runtime.amp_dtype):
-            loss, stats = self.task.training_step(self.trainee, batch, runtime)
+            try:
+                loss, stats = self.task.training_step(self.trainee, batch, runtime)
+            except ValueError as error:
+                if "more than 1 value per channel" not in str(error):
+                    raise
+                raise UserError(f"a training batch of {self.task.batch_size(batch)} image(s) leaves a BatchNorm layer "
+                                "one value per channel (tiny feature maps). Use data.batch_size=2 or more.") from None
         finite = bool(torch.isfinite(loss))
         if distributed.active():  # every rank skips a step any rank found NaN, and stops where any was asked to
             bad_somewhere, self.stopping = distributed.any_rank(not finite, self.stop is not None and
