@@ -193,7 +193,8 @@ def objective(optuna, trial, folder: Path, settings: dict, space: dict) -> float
 
     metrics = train_in(without_hydra(cfg), run_dir, record, Hooks(observe=observe, final_splits=("val",)))
     if name not in metrics:
-        raise UserError(f"objective={name}: the trial reported {', '.join(k for k in metrics if k.startswith('val/'))}.")
+        reported = ", ".join(key for key in metrics if key.startswith("val/")) or "no val/ metric (no val split)"
+        raise UserError(f"objective={name}: the trial reported {reported}.")
     return metrics[name]
 
 
