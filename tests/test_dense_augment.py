@@ -47,7 +47,7 @@ def test_masks_and_boxes_follow_the_image(preset: str) -> None:
     boxes = [list(box) for box in OBJECTS.values()]
     for seed in range(25):
         transform.set_random_seed(seed)
-        out = transform(image=image, mask=mask, bboxes=boxes, labels=list(OBJECTS))
+        out = transform(image=image, mask=mask, bboxes=boxes, labels=list(OBJECTS), crowd=[False] * len(OBJECTS))
         picture, target = out["image"].numpy(), np.asarray(out["mask"])
         assert picture.shape == (3, INPUT, INPUT) and target.shape == (INPUT, INPUT)
         # pixels: objects bright, background dark, wherever the mask labels them (edges resampled differently)
@@ -77,7 +77,8 @@ def test_eval_transform_resizes_without_cropping() -> None:
     """Evaluation must see every object: the whole image resized, boxes scaled by the same factor."""
     transform = build_dense_transform(None, PREPROCESS, boxes=True)
     image, mask = _scene()
-    out = transform(image=image, mask=mask, bboxes=[list(b) for b in OBJECTS.values()], labels=list(OBJECTS))
+    out = transform(image=image, mask=mask, bboxes=[list(b) for b in OBJECTS.values()], labels=list(OBJECTS),
+                    crowd=[False] * len(OBJECTS))
     scale = INPUT / SIDE
     for (x, y, w, h), got in zip(OBJECTS.values(), out["bboxes"]):
         assert list(got) == pytest.approx([x * scale, y * scale, w * scale, h * scale], abs=1e-3)

@@ -267,3 +267,82 @@ def test_detection_refuses_autocast_and_trains_in_float32(coco_folder: Path, run
     assert "amp" not in out.split("best.pt by")[0].split("device")[1]  # no autocast dtype in the start line
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["test/map50"] <= 1.0
+
+
+# ---- crowds
+
+
+def crowd_file(folder: Path) -> tuple[Path, list[dict]]:
+    """Three 64 px images; image 1 has a crowd box, image 3 a crowd of class 2. Detections: hits, misses, and
+    two that fall inside the crowds (ignored by COCOeval, false positives if the crowds were dropped)."""
+    (folder / "images").mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}
+    boxes = {1: [([4, 4, 20, 20], 1, 0), ([30, 30, 30, 30], 1, 1)],
+             2: [([10, 10, 16, 24], 2, 0), ([40, 8, 12, 12], 1, 0)],
+             3: [([2, 2, 28, 28], 2, 1), ([36, 36, 20, 20], 2, 0)]}
+    for image_id, entries in boxes.items():
+        Image.fromarray(np.full((64, 64, 3), 30, np.uint8)).save(folder / "images" / f"{image_id}.png")
+        coco["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": 64, "height": 64})
+        for box, category, crowd in entries:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "bbox": box,
+                                        "category_id": category, "area": box[2] * box[3], "iscrowd": crowd})
+    path = folder / "annotations.json"
+    path.write_text(json.dumps(coco))
+    detections = [{"image_id": 1, "category_id": 1, "bbox": [5, 4, 19, 21], "score": 0.9},
+                  {"image_id": 1, "category_id": 1, "bbox": [34, 33, 14, 14], "score": 0.95},  # inside the crowd
+                  {"image_id": 2, "category_id": 2, "bbox": [10, 12, 16, 20], "score": 0.8},
+                  {"image_id": 2, "category_id": 1, "bbox": [20, 40, 12, 12], "score": 0.7},   # a miss
+                  {"image_id": 3, "category_id": 2, "bbox": [6, 6, 10, 10], "score": 0.85},    # inside the crowd
+                  {"image_id": 3, "category_id": 2, "bbox": [37, 35, 20, 22], "score": 0.6}]
+    return path, detections
+
+
+def test_crowds_are_ignore_regions_and_the_map_equals_pycocotools(tmp_path):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path, detections = crowd_file(tmp_path / "crowds")
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(path))
+        evaluation = COCOeval(truth, truth.loadRes(detections), iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    theirs = {"map": evaluation.stats[0], "map50": evaluation.stats[1], "map75": evaluation.stats[2]}
+
+    _, records, skipped = read_coco(path)
+    assert not skipped and [int(r.crowd.sum()) for r in records] == [1, 0, 1]
+    dataset = BoxDataset(records, build_dense_transform(None, {"input_size": (3, 64, 64), "interpolation": "bilinear"},
+                                                        boxes=True))
+    batch = collate_boxes([dataset[i] for i in range(len(records))])
+    xyxy = lambda box: [box[0], box[1], box[0] + box[2], box[1] + box[3]]  # noqa: E731
+    predictions = [{"boxes": torch.tensor([xyxy(d["bbox"]) for d in detections if d["image_id"] == r.image_id]),
+                    "scores": torch.tensor([d["score"] for d in detections if d["image_id"] == r.image_id]),
+                    "labels": torch.tensor([d["category_id"] for d in detections if d["image_id"] == r.image_id])}
+                   for r in records]
+    ours = coco_metrics(batch["targets"], predictions, num_classes=2)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    dropped = [{"boxes": t["boxes"][~t["iscrowd"]], "labels": t["labels"][~t["iscrowd"]]} for t in batch["targets"]]
+    assert coco_metrics(dropped, predictions, num_classes=2)["map50"] < ours["map50"]  # crowds matter here
+
+
+def test_crowds_are_never_training_targets(tmp_path):
+    from transfer.tasks.detection import Detection
+    from transfer.tasks.base import Runtime
+
+    path, _ = crowd_file(tmp_path / "crowds")
+    _, records, _ = read_coco(path)
+    dataset = BoxDataset(records, build_dense_transform(None, {"input_size": (3, 64, 64), "interpolation": "bilinear"},
+                                                        boxes=True))
+    batch = collate_boxes([dataset[i] for i in range(len(records))])
+    seen = []
+
+    def model(images, targets):
+        seen.extend(targets)
+        return {"loss": torch.zeros(())}
+
+    Detection().training_step(model, batch, Runtime(torch.device("cpu"), None, None))
+    assert [len(t["boxes"]) for t in seen] == [1, 2, 1]  # 6 boxes, 2 of them crowds

@@ -128,8 +128,8 @@ def build_dense_transform(steps: list[dict] | None, preprocess: dict, boxes: boo
                           min_visibility: float = 0.0, mask_fill: int = IGNORE_INDEX) -> A.Compose:
     """The training pipeline from a preset's `steps`, or the evaluation pipeline when `steps` is None.
 
-    Call it as `transform(image=..., mask=...)` and, with `boxes`, `bboxes=[[x, y, w, h], ...], labels=[...]`
-    (the labels come back as floats: albumentations' habit)."""
+    Call it as `transform(image=..., mask=...)` and, with `boxes`, `bboxes=[[x, y, w, h], ...], labels=[...],
+    crowd=[...]` (the labels come back as floats: albumentations' habit)."""
     if steps is None:
         height, width = preprocess["input_size"][1:]
         transforms = [A.Resize(height=height, width=width, interpolation=INTERPOLATION[preprocess["interpolation"]]),
@@ -137,8 +137,8 @@ def build_dense_transform(steps: list[dict] | None, preprocess: dict, boxes: boo
     else:
         transforms = list(build_train_transform([_with_mask_fill(step, mask_fill) for step in steps],
                                                 preprocess).transforms)
-    bbox_params = A.BboxParams(format="coco", label_fields=["labels"], min_visibility=min_visibility, clip=True,
-                               filter_invalid_bboxes=True) if boxes else None
+    bbox_params = A.BboxParams(format="coco", label_fields=["labels", "crowd"], min_visibility=min_visibility,
+                               clip=True, filter_invalid_bboxes=True) if boxes else None
     return A.Compose(transforms, bbox_params=bbox_params)
 
 

@@ -33,12 +33,14 @@ ANNOTATIONS = "annotations.json"
 
 @dataclass(frozen=True)
 class BoxRecord:
-    """One image and its boxes: COCO [x, y, w, h] in pixels, labels 1..K."""
+    """One image and its boxes: COCO [x, y, w, h] in pixels, labels 1..K, and which boxes are crowds (groups
+    of objects in one box: never a training target, an ignore region when scoring, as COCOeval treats them)."""
 
     source: str
     image_id: int
     boxes: np.ndarray   # float32 N x 4
     labels: np.ndarray  # int64 N
+    crowd: np.ndarray   # bool N
 
     @property
     def name(self) -> str:
@@ -154,10 +156,10 @@ def _image_size(file: Path) -> tuple[int, int]:
 
 
 def _read_annotations(coco: dict, path: Path, images: dict, categories: Categories,
-                      skipped: list[tuple[str, str]]) -> dict[int, list[tuple[list[float], int]]]:
-    """image id → [(clipped xywh box, label)]; fixes and skips are appended to `skipped`."""
+                      skipped: list[tuple[str, str]]) -> dict[int, list[tuple[list[float], int, bool]]]:
+    """image id → [(clipped xywh box, label, is a crowd)]; fixes and skips are appended to `skipped`."""
     labels = categories.label()
-    boxes: dict[int, list[tuple[list[float], int]]] = {}
+    boxes: dict[int, list[tuple[list[float], int, bool]]] = {}
     for ann in coco.get("annotations") or []:
         category_id = ann.get("category_id")
         if category_id not in labels:
@@ -167,14 +169,11 @@ def _read_annotations(coco: dict, path: Path, images: dict, categories: Categori
         if image is None:
             continue  # its image entry is missing or was skipped (and listed) above
         where = f"{image[0]}#annotation={ann.get('id')}"
-        if ann.get("iscrowd"):
-            skipped.append((where, "crowd annotation (not used for training or scoring)"))
-            continue
         box, reason = clip_box(ann.get("bbox"), image[1], image[2])
         if reason:
             skipped.append((where, reason))
         if box is not None:
-            boxes.setdefault(ann["image_id"], []).append((box, labels[category_id]))
+            boxes.setdefault(ann["image_id"], []).append((box, labels[category_id], bool(ann.get("iscrowd"))))
     return boxes
 
 
@@ -194,9 +193,10 @@ def clip_box(bbox, width: int, height: int) -> tuple[list[float] | None, str | N
     return [x, y, w, h], None
 
 
-def _stack(pairs: list[tuple[list[float], int]]) -> tuple[np.ndarray, np.ndarray]:
-    boxes = np.array([box for box, _ in pairs], dtype=np.float32).reshape(-1, 4)
-    return boxes, np.array([label for _, label in pairs], dtype=np.int64)
+def _stack(entries: list[tuple[list[float], int, bool]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    boxes = np.array([box for box, _, _ in entries], dtype=np.float32).reshape(-1, 4)
+    return (boxes, np.array([label for _, label, _ in entries], dtype=np.int64),
+            np.array([crowd for _, _, crowd in entries], dtype=bool))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +285,10 @@ class BoxDataset(Dataset):
             return bad_sample(error, self.strict)
         if self.seed is not None:
             seed_augmentation(self.transform, self.seed, epoch, index)
-        out = self.transform(image=image, bboxes=record.boxes, labels=record.labels)
+        out = self.transform(image=image, bboxes=record.boxes, labels=record.labels, crowd=record.crowd)
         return {"image": out["image"], "boxes": xywh_to_xyxy(out["bboxes"]),
                 "labels": torch.as_tensor(np.asarray(out["labels"]), dtype=torch.int64).reshape(-1),
+                "iscrowd": torch.as_tensor(np.asarray(out["crowd"]), dtype=torch.bool).reshape(-1),
                 "index": index}
 
 
@@ -316,5 +317,6 @@ def collate_boxes(items: list) -> dict:
     good, bad = split_bad(items)
     images = torch.stack([item["image"] for item in good]).float().div_(255) if good else torch.empty(0)
     return {"image": images,
-            "targets": [{"boxes": item["boxes"], "labels": item["labels"]} for item in good],
+            "targets": [{"boxes": item["boxes"], "labels": item["labels"], "iscrowd": item["iscrowd"]}
+                        for item in good],
             "index": torch.as_tensor([item["index"] for item in good], dtype=torch.long), **bad}

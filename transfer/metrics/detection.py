@@ -11,8 +11,9 @@ import torch
 def coco_metrics(truths: list[dict], predictions: list[dict], num_classes: int) -> dict[str, float]:
     """COCO mAP@[.5:.95] (stats[0]), mAP@.5 (stats[1]) and mAP@.75 (stats[2]) by pycocotools.
 
-    `truths[i]` = {"boxes" xyxy, "labels"}, `predictions[i]` = {"boxes" xyxy, "scores", "labels"} for the
-    same image i. Without any ground-truth box the metrics are undefined; they are reported as 0."""
+    `truths[i]` = {"boxes" xyxy, "labels", optional "iscrowd": ignore regions, as COCOeval reads them},
+    `predictions[i]` = {"boxes" xyxy, "scores", "labels"} for the same image i. Without any ground-truth box
+    the metrics are undefined; they are reported as 0."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -36,9 +37,10 @@ def _coco_lists(truths: list[dict], predictions: list[dict]) -> tuple[dict, list
     images, annotations, results = [], [], []
     for image_id, (truth, pred) in enumerate(zip(truths, predictions), start=1):
         images.append({"id": image_id})
-        for box, label in zip(xywh(truth["boxes"]), truth["labels"].tolist()):
+        crowd = truth.get("iscrowd", torch.zeros(len(truth["labels"]), dtype=torch.bool)).tolist()
+        for box, label, is_crowd in zip(xywh(truth["boxes"]), truth["labels"].tolist(), crowd):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(is_crowd)})
         for box, score, label in zip(xywh(pred["boxes"]), pred["scores"].tolist(), pred["labels"].tolist()):
             results.append({"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)})
     return {"images": images, "annotations": annotations}, results

@@ -89,7 +89,8 @@ class Detection(Task):
 
     def training_step(self, model: Detector, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
         """FCOS's classification (focal) + box (GIoU) + centerness losses, summed."""
-        targets = [{k: v.to(runtime.device) for k, v in t.items()} for t in batch["targets"]]
+        targets = [{"boxes": t["boxes"][~t["iscrowd"]].to(runtime.device),  # crowds: scored as ignore regions only
+                    "labels": t["labels"][~t["iscrowd"]].to(runtime.device)} for t in batch["targets"]]
         losses = model(batch["image"].to(runtime.device, non_blocking=True), targets)
         return sum(losses.values()), {}
 
