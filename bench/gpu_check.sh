@@ -11,8 +11,8 @@
 # bf16 autocast, channels_last: eager with data.cache=ram and none, then torch.compile'd with ram. Each run prints one
 # line: compute-only and end-to-end images/s for training and evaluation and their ratio. The lines are
 # also written to $OUT/gpu_check.txt when OUT is set (else bench/out/gpu_check.txt). Last, a data-parallel smoke
-# run: `transfer train trainer.processes=N` (N = GPUs, at least 2 processes; several on one GPU when it is
-# alone) on the embedded digits for 2 epochs, nccl between processes, whose test top-1 must equal
+# run: `transfer train trainer.processes=N` (N = GPUs, at least 2 processes) on the embedded digits for 2
+# epochs — nccl between processes, or gloo when two share a lone GPU — whose test top-1 must equal
 # `transfer eval` of its best.pt in one process.
 #
 # Settings (environment): ROOT (image folder), MODELS, SIZE (224), BATCH (128), ROUNDS (2), COMPILE (1),

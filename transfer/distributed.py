@@ -57,7 +57,8 @@ def start() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-        backend = "cpu:gloo,cuda:nccl"
+        # NCCL needs a GPU per process; more processes than GPUs on a machine share them over gloo (slower)
+        backend = "gloo" if local_world_size() > torch.cuda.device_count() else "cpu:gloo,cuda:nccl"
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
