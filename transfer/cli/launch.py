@@ -46,7 +46,10 @@ def launch(processes: int, command: list[str]) -> int:
         rank, failure = failed.get_first_failure()
         code = failure.exitcode
         if code < 0:  # killed by a signal no process could report
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             print(f"transfer {command[0]}: process {rank} was killed by {name}; the others were stopped.",
                   file=sys.stderr)
             return 128 - code

@@ -198,8 +198,8 @@ def objective(optuna, trial, folder: Path, settings: dict, space: dict) -> float
     return metrics[name]
 
 
-def write_trials(study, folder: Path, settings: dict) -> None:
-    """SWEEP/trials.csv: every trial, best first (failed and running ones last)."""
+def write_trials(study, folder: Path, settings: dict) -> tuple[list[str], list[list]]:
+    """SWEEP/trials.csv: every trial, best first (failed and running ones last); its columns and rows."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({key for trial in trials for key in trial.params})
     sign = -1 if settings["direction"] == "maximize" else 1
@@ -209,6 +209,7 @@ def write_trials(study, folder: Path, settings: dict) -> None:
              max(t.intermediate_values, default=""), *(short(t.params.get(k, "")) for k in keys),
              t.user_attrs.get("run_dir", "")] for t in ordered]
     write_csv(folder / "trials.csv", columns, rows)
+    return columns, rows
 
 
 def short(value) -> str:
@@ -220,7 +221,7 @@ def finish_study(study, folder: Path, settings: dict) -> int:
     """The table, the plots, the best trial's recipe and its test metrics (the test split's one use)."""
     from optuna.trial import TrialState
 
-    write_trials(study, folder, settings)
+    columns, rows = write_trials(study, folder, settings)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise UserError(f"no trial of {folder} completed (see {folder / 'trials.csv'}): nothing to choose from.")
@@ -228,11 +229,9 @@ def finish_study(study, folder: Path, settings: dict) -> int:
     best = study.best_trial
     best_dir = Path(best.user_attrs["run_dir"])
     recipe = write_recipe(folder, best, settings)
-    with open(folder / "trials.csv", newline="") as handle:
-        lines = [line.rstrip("\r\n").split(",") for line in handle]
     print(f"\nsweep: {len(study.trials)} trials ({len(complete)} complete, "
           f"{len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))} pruned); best first:\n"
-          f"{aligned(lines[0][:-1], [line[:-1] for line in lines[1:11]])}", flush=True)
+          f"{aligned(columns[:-1], [row[:-1] for row in rows[:10]])}", flush=True)
     print(f"sweep: best trial {best.number}, {settings['objective']} {best.value:.4f}: {best_dir}; its test split, "
           "evaluated once:", flush=True)
     from transfer.cli.evaluate import eval_command

@@ -51,8 +51,9 @@ def train_command(arguments: list[str]) -> int:
 
 
 def train_shared(cfg: DictConfig, make_dir, record: dict) -> tuple[Path, dict[str, float]]:
-    """(run directory, metrics) of a training run; with several processes, rank 0 resolves the config and makes the run directory (`make_dir`),
-    and every rank trains with those (a timestamped folder or `${now:}` would differ between processes)."""
+    """(run directory, metrics) of a training run; with several processes, rank 0 resolves the config and makes
+    the run directory (`make_dir`), and every rank trains with those (a timestamped folder or `${now:}` would
+    differ between processes)."""
     if not distributed.launched():
         run_dir = make_dir()
         return run_dir, train_in(without_hydra(cfg), run_dir, record)

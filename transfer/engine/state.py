@@ -79,15 +79,15 @@ def find_checkpoint(path: str, run_dir: Path) -> tuple[str, dict] | None:
 
 
 def rank_state(checkpoint: dict, step: int, path: str) -> dict:
-    """This process's random streams (and, mid-epoch, BatchNorm statistics) in the checkpoint. Another number of processes shards the data
-    differently: fine from an epoch's end (the epoch's order is keyed by seed and epoch; the effective batch
-    changes), refused in the middle of an epoch, whose remaining batches were another sharding's."""
+    """This process's random streams (and, mid-epoch, BatchNorm statistics) in the checkpoint. Another number
+    of processes shards the data differently: fine from an epoch's end (the epoch's order is keyed by seed and
+    epoch; the effective batch changes), refused mid-epoch, whose remaining batches were another sharding's."""
     saved, now = int(checkpoint.get("world_size", 1)), world_size()
     if saved != now:
         if step:
-            raise UserError(f"{path} was saved {step} steps into an epoch by a run of {saved} process(es); this run has "
-                            f"{now}. Resume it with {saved} process(es) (trainer.processes={saved}), or resume from the "
-                            "last epoch's end with best.pt or an epoch-end last.pt.")
+            raise UserError(f"{path} was saved {step} steps into an epoch by a run of {saved} process(es); this run "
+                            f"has {now}. Resume it with {saved} process(es) (trainer.processes={saved}), or resume "
+                            "from the last epoch's end with best.pt or an epoch-end last.pt.")
         log(f"resuming a run of {saved} process(es) with {now}: the effective batch changes accordingly; the "
             "schedule follows this run's steps per epoch")
     ranks = checkpoint.get("ranks")

@@ -22,6 +22,7 @@ from transfer.engine.ema import Ema
 from transfer.engine.lr_find import sweep_lr, sweep_settings, write_sweep
 from transfer.engine.monitor import Monitor
 from transfer.engine.optim import PhaseScheduler, build_optimizer
+from transfer.engine.state import load_buffers
 from transfer.errors import UserError
 from transfer.models.finetune import Plan
 from transfer.tasks.base import Runtime, Task
@@ -115,9 +116,7 @@ class Techniques:
             return
         saved = state.get("model_ema")
         self.ema.load_state_dict(saved if saved is not None else self.model.state_dict())
-        for name, tensor in self.ema.module.named_buffers():  # this rank's own, mid-epoch with several processes
-            if name in (state.get("ema_buffers") or {}):
-                tensor.copy_(state["ema_buffers"][name])
+        load_buffers(self.ema.module, state.get("ema_buffers"))  # this rank's own, mid-epoch with several processes
         self.best_is_ema = bool(state.get("best_is_ema", True))
 
 

@@ -212,16 +212,15 @@ def extract(model: nn.Module, dataset: ImageDataset, batch_size: int, num_worker
     shares = gather((matches, values, labels, indices, skipped))  # every process's shard, in dataset order
     if any(share[0] is False for share in shares):
         return None
-    values, labels, indices = ([item for share in shares for item in share[column]] for column in (1, 2, 3))
+    values, labels, indices, skipped = ([item for share in shares for item in share[column]] for column in (1, 2, 3, 4))
+    seconds = time.perf_counter() - started
     if not values:
-        return Features(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                        [item for share in shares for item in share[4]], cached=False,
-                        seconds=time.perf_counter() - started)
+        return Features(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), skipped,
+                        cached=False, seconds=seconds)
     indices = torch.cat(indices)
     order = torch.argsort(indices)
     return Features(torch.cat(values)[order].numpy(), torch.cat(labels)[order].numpy(), indices[order].numpy(),
-                    [item for share in shares for item in share[4]], cached=False,
-                    seconds=time.perf_counter() - started)
+                    skipped, cached=False, seconds=seconds)
 
 
 def classifier_matches(model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> bool:
