@@ -12,7 +12,7 @@ backend, no Hydra state.
 """
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "predict", "export", "Run", "Model"]
+__all__ = ["train", "load", "predict", "export", "report", "Run", "Model"]
 
 
 def __getattr__(name: str):

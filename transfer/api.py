@@ -5,6 +5,7 @@
     model = transfer.load(run.best)          # or a run directory
     model.predict(["a.jpg", numpy_image])    # classification: [{label: probability}] best first
     transfer.export(run.best, "timm", "exports/mine")
+    transfer.report(run.run_dir)             # rebuild RUN/report.html
 
 Configs are composed exactly as `transfer train` composes them (same groups, recipes, overrides), so a run
 made here reruns with `transfer train --config RUN/config.yaml`. Mistakes raise `transfer.errors.UserError`
@@ -24,10 +25,11 @@ from transfer.checkpoint import load_checkpoint
 from transfer.cli.train import compose_run, train_shared
 from transfer.data.images import read_rgb
 from transfer.engine.inference import Loaded, load_for_inference
+from transfer.engine.report import write_html_report
 from transfer.engine.rundir import make_run_dir
 from transfer.exports import FORMATS, export as export_format, load_source
 
-__all__ = ["Model", "Run", "export", "load", "predict", "train"]
+__all__ = ["Model", "Run", "export", "load", "predict", "report", "train"]
 
 
 @dataclass
@@ -102,3 +104,8 @@ def export(checkpoint: str | Path, format: str, out: str | Path, weights: str = 
     source = load_source(path / "best.pt" if path.is_dir() else path, weights)
     export_format(source, format, Path(out).absolute(), overwrite=overwrite)
     return Path(out)
+
+
+def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Rebuild a run's report.html (or write it to `out`) from its run directory alone; returns the page's path."""
+    return write_html_report(Path(run_dir).expanduser(), out)

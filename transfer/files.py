@@ -111,6 +111,19 @@ def save_figure(figure, path: str | os.PathLike, dpi: int = 100) -> None:
         figure.savefig(temporary, format="png", dpi=dpi)
 
 
+def save_picture(pixels, path: str | os.PathLike, min_height: int = 0) -> None:
+    """An H×W×3 uint8 array as a PNG, atomically; enlarged by a whole factor (nearest neighbour, so no pixel is
+    invented) until it is at least `min_height` tall: a 28 px input stays legible in a report."""
+    from PIL import Image
+
+    picture = Image.fromarray(pixels)
+    zoom = max(1, -(-min_height // picture.height)) if min_height else 1
+    if zoom > 1:
+        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
+    with atomic_path(path) as temporary:
+        picture.save(temporary, format="PNG")
+
+
 def remove_temporaries(folder: str | os.PathLike, pattern: str = f".*{TEMPORARY_SUFFIX}") -> list[Path]:
     """Delete what an interrupted atomic write left behind; returns what went."""
     stale = sorted(Path(folder).glob(pattern))

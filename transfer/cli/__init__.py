@@ -24,6 +24,7 @@ commands:
   augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
   lr-find          sweep the learning rate, plot the loss, suggest optim.lr: transfer lr-find [overrides] [out=DIR]
   export           for other projects: transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all
+  report           rebuild a run's report.html (curves, metrics, mistakes, overlays, config): transfer report RUN
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -32,7 +33,7 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find")
+COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +91,10 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.export import export_command
 
         return export_command(arguments)
+    if command == "report":
+        from transfer.cli.report import report_command
+
+        return report_command(arguments)
     if command == "lr-find":
         from transfer.cli.lr_find import lr_find_command
 

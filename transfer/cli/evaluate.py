@@ -53,7 +53,7 @@ def eval_command(arguments: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create out={out}: {error.strerror}. Choose a writable folder.") from None
-    task.report(out, split, evaluation)
+    task.report(out, split, evaluation, dataset)
     count = int(cfg.task.get("overlays") or 0)
     if count:
         task.draw(loaded.model, dataset, out / "overlays", loaded.runtime, count)

@@ -20,6 +20,7 @@ from transfer.engine.interrupt import Interrupted, StopSignal, ignore_stop_signa
 from transfer.engine.loop import Loop
 from transfer.engine.monitor import Monitor, build_monitor
 from transfer.engine.parallel import agree, broadcast_weights, evaluate, lost_peer, sync_batchnorm
+from transfer.engine.report import write_html_report
 from transfer.engine.rundir import SkippedFiles, log, write_epochs, write_run_info
 from transfer.engine.setup import Setup, build_setup, seed_everything
 from transfer.engine.state import NonFiniteError, check_finite, fresh_state, last_good, resume, save_progress
@@ -194,7 +195,7 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
         skipped.add(evaluation.skipped)
         metrics.update(prefixed(evaluation.metrics, split))
         if is_main():
-            run.task.report(run_dir / "reports", split, evaluation)
+            run.task.report(run_dir / "reports", split, evaluation, run.data.datasets.get(split))
     if is_main():
         count = int(cfg.task.get("overlays") or 0)
         shown = next((split for split in ("val", "test", "train") if split in run.data.datasets))
@@ -202,6 +203,7 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
             run.task.draw(run.model, run.data.datasets[shown], run_dir / "overlays", run.runtime, count)
         write_json(run_dir / "metrics.json", metrics)
         plot_curves(state["history"], monitor.name, run_dir / "curves.png")
+        write_html_report(run_dir)
     headline = {key: round(value, 4) for key, value in metrics.items()
                 if "/" in key and key.split("/", 1)[1] in run.task.metric_modes(run.data.classes)
                 and not key.endswith("/loss") and key.count("/") == 1}

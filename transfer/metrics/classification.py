@@ -53,6 +53,18 @@ def write_report(folder: Path, split: str, logits: torch.Tensor, labels: torch.T
     plot_confusion(matrix, classes, folder / f"{split}_confusion.png", title=f"{split} confusion matrix")
 
 
+def top_losses(logits: torch.Tensor, labels: torch.Tensor, count: int) -> list[dict]:
+    """The `count` misclassified samples with the highest loss (fastai's top losses), most confidently wrong
+    first: positions in `logits`, with the true and predicted class, the predicted probability and the loss."""
+    scores = logits.float().softmax(dim=1)
+    losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    predicted = scores.argmax(dim=1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    chosen = wrong[torch.argsort(losses[wrong], descending=True)[:count]]
+    return [{"position": int(i), "true": int(labels[i]), "predicted": int(predicted[i]),
+             "confidence": float(scores[i, predicted[i]]), "loss": float(losses[i])} for i in chosen]
+
+
 def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     side = max(4.0, 0.45 * len(classes) + 2)
     figure = Figure(figsize=(side, side))

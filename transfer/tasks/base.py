@@ -15,7 +15,7 @@ directory). A task brings what differs, through the methods of `Task`:
     score(parts)                         -> Evaluation of all shares' outputs: metrics without split prefix,
                                             skipped files, outputs for reports (evaluate = score([infer]))
     metric_modes(classes)                -> {metric: "max" | "min"}: what trainer.monitor may name
-    report(folder, split, evaluation)       files a split's evaluation leaves (per-class tables, …)
+    report(folder, split, evaluation, dataset)  files a split's evaluation leaves (per-class tables, mistakes)
     draw(model, dataset, folder, runtime, count)   pictures of predictions (overlays), if the task has any
     checkpoint_entries() / restore(ckpt)    what eval, predict and export need besides weights and classes
     eval_dataset(...)                    -> the split `transfer eval` scores
@@ -138,8 +138,9 @@ class Task:
     def metric_modes(self, classes: list[str]) -> dict[str, str]:
         raise NotImplementedError
 
-    def report(self, folder: Path, split: str, evaluation: Evaluation) -> None:
-        """Files one split's evaluation leaves besides metrics.json (none by default)."""
+    def report(self, folder: Path, split: str, evaluation: Evaluation, dataset: Dataset | None = None) -> None:
+        """Files one split's evaluation leaves besides metrics.json (none by default); `dataset`, the split's
+        images, for pictures of what the model got wrong."""
 
     def draw(self, model: nn.Module, dataset: Dataset, folder: Path, runtime: Runtime, count: int) -> None:
         """Pictures of the model's predictions on a few images (none by default)."""

@@ -20,13 +20,16 @@ from transfer.data.augment import build_eval_transform
 from transfer.data.loaders import build_datasets, choose_split, eval_splits, index_data
 from transfer.data.sources import DataSplits
 from transfer.errors import UserError
-from transfer.metrics.classification import classification_metrics, write_report
+from transfer.files import save_picture, write_dict_rows
+from transfer.metrics.classification import classification_metrics, top_losses, write_report
 from transfer.models.backbone import build_model
 from transfer.models.inference import autocast, predict_logits
 from transfer.models.tta import with_tta
 from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
 from transfer.tasks.mixing import Mixer, build_criterion
 from transfer.tasks.probe import train_on_features
+
+THUMBNAIL_HEIGHT = 128  # a 28 px image enlarged (whole factors, nearest) to stay legible in report.html
 
 
 class Classification(Task):
@@ -38,6 +41,7 @@ class Classification(Task):
         self.top_k = 5
         self.classes: list[str] = []
         self.preprocess_used: dict | None = None
+        self.top_losses = 0  # held-out images drawn in the report, most confidently wrong first (task.top_losses)
 
     # ---- data and model
 
@@ -54,6 +58,7 @@ class Classification(Task):
     def prepare(self, cfg: DictConfig, data: TaskData) -> None:
         trainer = cfg.trainer
         self.top_k = int(trainer.get("top_k") or 5)
+        self.top_losses = int(cfg.task.get("top_losses") or 0)
         self.mixer = Mixer(len(data.classes), trainer.label_smoothing, trainer.epochs, **dict(cfg.get("mixup") or {}))
         if self.mixer.enabled and cfg.data.batch_size % 2:
             raise UserError(f"mixup and cutmix mix pairs of images: data.batch_size={cfg.data.batch_size} must be "
@@ -112,11 +117,33 @@ class Classification(Task):
         with warnings.catch_warnings():  # a folder with a subset of the classes (transfer eval) is expected
             warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
             metrics = classification_metrics(logits, labels, logits.shape[1], "x", self.top_k)
-        return Evaluation({key[2:]: value for key, value in metrics.items()}, skipped, (logits, labels))
+        return Evaluation({key[2:]: value for key, value in metrics.items()}, skipped, (logits, labels, indices[order]))
 
-    def report(self, folder: Path, split: str, evaluation: Evaluation) -> None:
-        logits, labels = evaluation.outputs
+    def report(self, folder: Path, split: str, evaluation: Evaluation, dataset: Dataset | None = None) -> None:
+        """Per-class table and confusion matrix; with the split's images, its most confidently wrong ones."""
+        logits, labels, _ = evaluation.outputs
         write_report(folder, split, logits, labels, self.classes)
+        if dataset is not None and self.top_losses:
+            self.write_top_losses(folder, split, evaluation, dataset)
+
+    def write_top_losses(self, folder: Path, split: str, evaluation: Evaluation, dataset: Dataset) -> None:
+        """SPLIT_top_losses.csv and one PNG each of the pixels the model saw (the evaluation transform's output)."""
+        logits, labels, indices = evaluation.outputs
+        pictures = folder / f"{split}_top_losses"
+        for stale in pictures.glob("*.png"):  # an earlier evaluation into the same folder
+            stale.unlink()
+        rows = []
+        for item in top_losses(logits, labels, self.top_losses):
+            index = int(indices[item["position"]])
+            sample = dataset[index]
+            if not isinstance(sample, dict):  # unreadable since it was scored
+                continue
+            name = f"{len(rows) + 1:03d}.png"
+            save_picture(sample["image"].permute(1, 2, 0).numpy(), pictures / name, THUMBNAIL_HEIGHT)
+            rows.append({"picture": f"{pictures.name}/{name}", "source": dataset.records[index].name,
+                         "true": self.classes[item["true"]], "predicted": self.classes[item["predicted"]],
+                         "confidence": item["confidence"], "loss": item["loss"]})
+        write_dict_rows(folder / f"{split}_top_losses.csv", rows)
 
     def eval_dataset(self, cfg: DictConfig, preprocess: dict, split: str | None, trained_root: str | None,
                      classes: list[str]) -> tuple[str, Dataset, TaskData]:
@@ -152,6 +179,7 @@ class Classification(Task):
     def restore(self, checkpoint: dict) -> None:
         self.classes, self.preprocess_used = list(checkpoint["classes"]), dict(checkpoint["preprocess"])
         self.top_k = int(checkpoint["config"].get("trainer", {}).get("top_k") or 5)
+        self.top_losses = int(checkpoint["config"].get("task", {}).get("top_losses") or 0)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: list[np.ndarray], runtime: Runtime) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from transfer.data.augment import IGNORE_INDEX, build_dense_transform
 from transfer.data.dataset import split_bad
 from transfer.data.masks import CLASSES_FILE, PairDataset, index_pairs, load_all, mask_path
 from transfer.errors import UserError
-from transfer.files import atomic_path, write_text
+from transfer.files import atomic_path, save_picture, write_text
 from transfer.metrics.segmentation import batch_confusion, segmentation_metrics
 from transfer.models.features import build_backbone
 from transfer.models.segmenter import SegmentationModel, levels_from_stride
@@ -148,10 +148,7 @@ class Segmentation(Task):
             predicted = model(runtime.normalize(sample["image"][None])).argmax(1)[0].cpu().numpy().astype(np.uint8)
             truth = sample["mask"].numpy().astype(np.uint8)
             panel = np.concatenate([image, overlay(image, truth, table), overlay(image, predicted, table)], axis=1)
-            zoom = max(1, OVERLAY_HEIGHT // panel.shape[0])  # small inputs drawn large enough to see
-            picture = Image.fromarray(panel).resize((panel.shape[1] * zoom, panel.shape[0] * zoom), Image.NEAREST)
-            with atomic_path(folder / f"{Path(dataset.records[index].source).stem}.png") as temporary:
-                picture.save(temporary, format="PNG")
+            save_picture(panel, folder / f"{Path(dataset.records[index].source).stem}.png", OVERLAY_HEIGHT)
             written += 1
 
     def picture(self, sample: dict) -> tuple[np.ndarray, str]:
