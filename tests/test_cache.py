@@ -14,11 +14,17 @@ import torch
 from PIL import Image
 
 from transfer.data.augment import build_eval_transform
-from transfer.data.cache import DiskCache, build_cache, default_cache_dir, shrink
+from transfer.data.cache import DiskCache, build_cache, default_cache_dir
+from transfer.data.resize import CacheSizes, shrink_short_side
 from transfer.data.dataset import ImageDataset
 from transfer.data.images import read_rgb
 from transfer.data.loaders import build_loader
 from transfer.data.sources import Record
+
+
+def keep(side: int) -> CacheSizes:
+    """Every file cached as training keeps it: the shorter side at `side`, never enlarged."""
+    return CacheSizes({"input_size": (3, side, side), "interpolation": "bicubic", "crop_pct": 1.0}, side, set())
 
 PREPROCESS = {"input_size": [3, 24, 24], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
               "crop_pct": 1.0}
@@ -41,11 +47,11 @@ def images(folder: Path, count: int = 6) -> list[Record]:
 
 def test_disk_cache_round_trips_the_pixels_exactly(tmp_path: Path, capsys) -> None:
     records = images(tmp_path / "images")
-    cache, skipped = build_cache("disk", records, keep_side=40, cache_dir=tmp_path / "cache")
+    cache, skipped = build_cache("disk", records, keep(40), cache_dir=tmp_path / "cache")
     assert isinstance(cache, DiskCache) and len(cache) == len(records) - 1
     assert [path for path, _ in skipped] == [records[-1].source]
     for record in records[:-1]:
-        expected = shrink(read_rgb(record.source), 40)
+        expected = shrink_short_side(read_rgb(record.source), 40)
         got = cache.get(record.source)
         assert got.dtype == np.uint8 and got.shape == expected.shape and np.array_equal(got, expected)
         assert got.flags.writeable  # a copy: a transform working in place cannot change the cache
@@ -57,18 +63,18 @@ def test_disk_cache_round_trips_the_pixels_exactly(tmp_path: Path, capsys) -> No
 
 def test_disk_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path: Path, capsys) -> None:
     records = images(tmp_path / "images")
-    first, _ = build_cache("disk", records, keep_side=40, cache_dir=tmp_path / "cache")
+    first, _ = build_cache("disk", records, keep(40), cache_dir=tmp_path / "cache")
     assert "(reused)" not in capsys.readouterr().out
-    again, skipped = build_cache("disk", records, keep_side=40, cache_dir=tmp_path / "cache")
+    again, skipped = build_cache("disk", records, keep(40), cache_dir=tmp_path / "cache")
     assert "(reused)" in capsys.readouterr().out
     assert again.data_path == first.data_path and len(skipped) == 1  # the broken file is remembered too
     changed = Path(records[0].source)
     Image.fromarray(np.full((20, 30, 3), 7, np.uint8)).save(changed)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    rebuilt, _ = build_cache("disk", records, keep_side=40, cache_dir=tmp_path / "cache")
+    rebuilt, _ = build_cache("disk", records, keep(40), cache_dir=tmp_path / "cache")
     assert "(reused)" not in capsys.readouterr().out and rebuilt.data_path != first.data_path
     assert (rebuilt.get(str(changed)) == 7).all()
-    other_side, _ = build_cache("disk", records, keep_side=24, cache_dir=tmp_path / "cache")
+    other_side, _ = build_cache("disk", records, keep(24), cache_dir=tmp_path / "cache")
     assert other_side.data_path != rebuilt.data_path  # the kept side is part of the key
     assert not list((tmp_path / "cache" / "images").glob(".*.tmp"))  # written atomically: no leftovers
 
@@ -77,22 +83,22 @@ def test_disk_cache_falls_back_with_a_message_when_it_will_not_fit(tmp_path: Pat
     records = images(tmp_path / "images")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**31, 2**31 - 2**20, 2**20))
-    assert build_cache("disk", records, keep_side=40, cache_dir=tmp_path / "cache") == (None, [])
+    assert build_cache("disk", records, keep(40), cache_dir=tmp_path / "cache") == (None, [])
     out = capsys.readouterr().out
     assert "data.cache=disk needs" in out and "data.cache=none" in out and "data.cache_dir" in out
 
 
 def test_ram_cache_reports_its_size_and_falls_back_over_budget(tmp_path: Path, capsys) -> None:
     records = images(tmp_path / "images")
-    cache, _ = build_cache("ram", records, keep_side=40)
+    cache, _ = build_cache("ram", records, keep(40))
     assert len(cache) == len(records) - 1 and "data.cache=ram: 6 images" in capsys.readouterr().out
-    assert build_cache("ram", records, keep_side=40, budget_bytes=100) == (None, [])
+    assert build_cache("ram", records, keep(40), budget_bytes=100) == (None, [])
     assert "reading images from disk each epoch instead" in capsys.readouterr().out
 
 
 def test_disk_cache_feeds_loader_workers_the_same_samples(tmp_path: Path) -> None:
     records = images(tmp_path / "images")[:-1]
-    cache, _ = build_cache("disk", records, keep_side=100, cache_dir=tmp_path / "cache")  # nothing shrunk
+    cache, _ = build_cache("disk", records, keep(100), cache_dir=tmp_path / "cache")  # nothing shrunk
     cache.get(records[0].source)  # mapped in this process; the pickled copy must map its own
     assert pickle.loads(pickle.dumps(cache))._map is None
     transform = build_eval_transform(PREPROCESS)

@@ -15,11 +15,17 @@ import pytest
 from PIL import Image
 
 from transfer.data.cache import fill_cache
+from transfer.data.resize import CacheSizes
 from transfer.data.dataset import ImageDataset
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.loaders import build_datasets, build_loader
 from transfer.data.sources import Record, build_splits
 from transfer.errors import UserError
+
+
+def keep(side: int) -> CacheSizes:
+    """Every file cached as training keeps it: the shorter side at `side`, never enlarged."""
+    return CacheSizes({"input_size": (3, side, side), "interpolation": "bicubic", "crop_pct": 1.0}, side, set())
 
 PREPROCESS = {"input_size": [3, 16, 16], "interpolation": "bilinear", "crop_pct": 0.875}
 
@@ -246,7 +252,7 @@ def test_every_colour_mode_becomes_rgb_uint8_like_read_rgb(tmp_path, use_cache):
     data = build_splits(str(tmp_path / "root"), 0.0, 0.0, 0)
     records = data.splits["train"]
     assert len(records) == 6
-    cache = fill_cache(records, keep_side=100)[0] if use_cache else None
+    cache = fill_cache(records, keep(100))[0] if use_cache else None
     dataset = ImageDataset(records, transform=None, cache=cache)
     for index, record in enumerate(records):
         image = dataset[index]["image"]
@@ -272,7 +278,7 @@ def with_bad_files(tmp_path) -> tuple[list[Record], dict[str, str]]:
 
 def test_fill_cache_reports_and_leaves_out_bad_files(with_bad_files):
     records, bad = with_bad_files
-    cache, skipped = fill_cache(records, keep_side=64)
+    cache, skipped = fill_cache(records, keep(64))
     reasons = {Path(path).name: reason for path, reason in skipped}
     assert set(reasons) == set(bad)
     for name, word in bad.items():
@@ -330,7 +336,7 @@ def test_cache_shrinks_large_images_and_keeps_small_ones(tmp_path):
     small = png(tmp_path / "small.png", value=9, size=(20, 30))
     records = [Record(str(p), 0) for p in (big, tall, small)]
 
-    cache, skipped = fill_cache(records, keep_side=50)
+    cache, skipped = fill_cache(records, keep(50))
 
     assert skipped == []
     assert cache[str(big)].shape == (50, 75, 3)
@@ -341,6 +347,6 @@ def test_cache_shrinks_large_images_and_keeps_small_ones(tmp_path):
 
 def test_cache_is_refused_over_budget(tmp_path):
     records = [Record(str(png(tmp_path / f"{i}.png", size=(64, 64))), 0) for i in range(3)]
-    assert fill_cache(records, keep_side=64, budget_bytes=1000) == (None, [])
-    cache, _ = fill_cache(records, keep_side=64, budget_bytes=3 * 64 * 64 * 3)
+    assert fill_cache(records, keep(64), budget_bytes=1000) == (None, [])
+    cache, _ = fill_cache(records, keep(64), budget_bytes=3 * 64 * 64 * 3)
     assert cache is not None and len(cache) == 3

@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 
+from transfer.data.resize import EvalResize
 from transfer.errors import UserError
 
 
@@ -47,15 +48,10 @@ def build_train_transform(steps: list[dict], preprocess: dict) -> A.Compose:
 
 
 def build_eval_transform(preprocess: dict) -> A.Compose:
-    """timm's eval recipe: resize the short side to input/crop_pct, then center-crop the input size."""
-    height, width = preprocess["input_size"][1:]
-    interpolation = INTERPOLATION[preprocess["interpolation"]]
-    scale_hw = (int(height / preprocess["crop_pct"]), int(width / preprocess["crop_pct"]))
-    return A.Compose([
-        A.SmallestMaxSize(max_size_hw=scale_hw, interpolation=interpolation),
-        A.CenterCrop(height=height, width=width),
-        ToTensorV2(),
-    ])
+    """timm's eval recipe through transfer's one resize (data/resize.py): scale the shorter side to
+    input/crop_pct (antialiased), then centre-crop the input size: eval, predict, the caches and timm's own
+    transform of an export see the same pixels."""
+    return A.Compose([A.Lambda(image=EvalResize(preprocess), name="EvalResize"), ToTensorV2()])
 
 
 def transform_class(target: str) -> type:
@@ -98,6 +94,7 @@ def _instantiate(step: dict[str, Any], preprocess: dict) -> A.BasicTransform:
 
 
 def _fill_sizes(cls: type, step: dict, preprocess: dict) -> None:
+    """A preset's unset sizes and interpolation from the model's data config; shrinking antialiased."""
     height, width = preprocess["input_size"][1:]
     params = inspect.signature(cls).parameters
     if "size" in params and step.get("size") is None:
@@ -107,6 +104,8 @@ def _fill_sizes(cls: type, step: dict, preprocess: dict) -> None:
             step[key] = value
     if "interpolation" in params and "interpolation" not in step:
         step["interpolation"] = INTERPOLATION[preprocess["interpolation"]]
+    if "area_for_downscale" in params and "area_for_downscale" not in step:
+        step["area_for_downscale"] = "image"  # shrinking antialiased (OpenCV's area filter); masks stay nearest
 
 
 def _first_line(error: Exception) -> str:
@@ -132,8 +131,8 @@ def build_dense_transform(steps: list[dict] | None, preprocess: dict, boxes: boo
     crowd=[...]` (the labels come back as floats: albumentations' habit)."""
     if steps is None:
         height, width = preprocess["input_size"][1:]
-        transforms = [A.Resize(height=height, width=width, interpolation=INTERPOLATION[preprocess["interpolation"]]),
-                      ToTensorV2()]
+        transforms = [A.Resize(height=height, width=width, interpolation=INTERPOLATION[preprocess["interpolation"]],
+                               area_for_downscale="image"), ToTensorV2()]
     else:
         transforms = list(build_train_transform([_with_mask_fill(step, mask_fill) for step in steps],
                                                 preprocess).transforms)

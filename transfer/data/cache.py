@@ -5,7 +5,9 @@
   disk   uint8 arrays in one memory-mapped file under `data.cache_dir` (images/), reused by later runs
          over the same files: keyed by a hash of the paths, sizes, modification times and the kept side
 
-Images are shrunk (never enlarged) to the largest side any transform needs, which bounds the size.
+Images are shrunk (never enlarged) through transfer's one resize (data/resize.py): evaluation images by
+evaluation's own scaling, so they evaluate to the same pixels as their files; training images to the side the
+random crops need (CacheSizes).
 When the cache would not fit (memory budget, free disk space) training says so in one line and reads the
 files as usual. Either cache reports its size in one line. Both are looked up by file path with `.get`.
 """
@@ -14,23 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from transfer.data.images import BadImageError, read_rgb
+from transfer.data.resize import CacheSizes
 from transfer.data.sources import Record
 from transfer.distributed import is_main
 from transfer.errors import UserError
 
 CACHE_KINDS = ("none", "ram", "disk")
-DISK_FORMAT = 1
+DISK_FORMAT = 2  # 2: evaluation images kept at evaluation's scale (data/resize.py)
 DISK_RESERVE_BYTES = 1 << 30  # a disk cache never leaves less free space than this
 
 
@@ -64,7 +65,7 @@ def available_memory_bytes() -> int:
     return 8 * 1024**3
 
 
-def estimate_bytes(records: list[Record], keep_side: int) -> int:
+def estimate_bytes(records: list[Record], sizes: CacheSizes) -> int:
     """Upper bound of the cache size from image headers alone (nothing is decoded)."""
     total = 0
     for record in records:
@@ -75,51 +76,41 @@ def estimate_bytes(records: list[Record], keep_side: int) -> int:
                 width, height = image.size
         except Exception:
             continue
-        scale = min(1.0, keep_side / max(1, min(width, height)))
-        total += math.ceil(width * scale) * math.ceil(height * scale) * 3
+        kept_height, kept_width = sizes.shape(record.source, height, width)
+        total += kept_height * kept_width * 3
     return total
 
 
-def shrink(image: np.ndarray, keep_side: int) -> np.ndarray:
-    height, width = image.shape[:2]
-    short = min(height, width)
-    if short <= keep_side:
-        return image
-    scale = keep_side / short
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def build_cache(kind: str, records: list[Record], keep_side: int, strict: bool = False,
+def build_cache(kind: str, records: list[Record], sizes: CacheSizes, strict: bool = False,
                 cache_dir: str | os.PathLike | None = None,
                 budget_bytes: int | None = None) -> tuple[dict | DiskCache | None, list[tuple[str, str]]]:
     """(cache or None, skipped files) for `data.cache=kind`; prints one line on what it holds or why not."""
     if kind == "ram":
-        return fill_cache(records, keep_side, budget_bytes, strict)
+        return fill_cache(records, sizes, budget_bytes, strict)
     if kind == "disk":
-        return DiskCache.open_or_build(records, keep_side, cache_root(cache_dir) / "images", strict)
+        return DiskCache.open_or_build(records, sizes, cache_root(cache_dir) / "images", strict)
     return None, []
 
 
-def fill_cache(records: list[Record], keep_side: int, budget_bytes: int | None = None,
+def fill_cache(records: list[Record], sizes: CacheSizes, budget_bytes: int | None = None,
                strict: bool = False) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, str]]]:
     """`data.cache=ram`: (cache or None when it would not fit, skipped files). Keyed by file path."""
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes() // 2
-    needed = estimate_bytes(records, keep_side)
+    needed = estimate_bytes(records, sizes)
     if needed > budget:
         say(f"data.cache=ram needs ~{_size(needed)} but the budget is {_size(budget)} (half the available "
               "memory); reading images from disk each epoch instead (data.cache=none; data.cache=disk keeps them "
               "in a memory-mapped file).")
         return None, []
     cache, skipped = {}, []
-    for source, image in _decoded(records, keep_side, strict, skipped):
+    for source, image in _decoded(records, sizes, strict, skipped):
         cache[source] = image
     held = sum(image.nbytes for image in cache.values())
     say(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
     return cache, skipped
 
 
-def _decoded(records: list[Record], keep_side: int, strict: bool, skipped: list):
+def _decoded(records: list[Record], sizes: CacheSizes, strict: bool, skipped: list):
     """(path, shrunk uint8 image) for each distinct readable file; unreadable ones go to `skipped`."""
     seen = set()
     for record in records:
@@ -127,7 +118,7 @@ def _decoded(records: list[Record], keep_side: int, strict: bool, skipped: list)
             continue
         seen.add(record.source)
         try:
-            yield record.source, shrink(read_rgb(record.source), keep_side)
+            yield record.source, sizes.shrink(record.source, read_rgb(record.source))
         except BadImageError as error:
             if strict:
                 raise UserError(f"bad image {error.path}: {error.reason} (data.on_bad_image=error)") from None
@@ -148,21 +139,22 @@ class DiskCache:
         self._map: np.ndarray | None = None
 
     @staticmethod
-    def key(records: list[Record], keep_side: int) -> str:
-        """Hash of what decides the cached pixels: each file's path, size and modification time, the kept side."""
-        digest = hashlib.sha256(f"transfer-image-cache {DISK_FORMAT} {keep_side}\n".encode())
+    def key(records: list[Record], sizes: CacheSizes) -> str:
+        """Hash of what decides the cached pixels: each file's path, size, modification time and kept size."""
+        digest = hashlib.sha256(f"transfer-image-cache {DISK_FORMAT}\n".encode())
         for path in sorted({record.source for record in records if isinstance(record.source, str)}):
             try:
                 info = os.stat(path)
-                digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                stamp = f"{info.st_size}\0{info.st_mtime_ns}"
             except OSError:
-                digest.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+                stamp = "missing"
+            digest.update(f"{path}\0{stamp}\0{sizes.describe(path)}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()[:24]
 
     @classmethod
-    def open_or_build(cls, records: list[Record], keep_side: int, folder: Path,
+    def open_or_build(cls, records: list[Record], sizes: CacheSizes, folder: Path,
                       strict: bool = False) -> tuple[DiskCache | None, list[tuple[str, str]]]:
-        key = cls.key(records, keep_side)
+        key = cls.key(records, sizes)
         data_path, index_path = folder / f"{key}.u8", folder / f"{key}.json"
         cache = cls.load(data_path, index_path)
         if cache is not None:
@@ -172,7 +164,7 @@ class DiskCache:
             say(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path} (reused), "
                   f"memory-mapped")
             return cache, cache.skipped
-        needed = estimate_bytes(records, keep_side)
+        needed = estimate_bytes(records, sizes)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(folder).free
@@ -186,7 +178,7 @@ class DiskCache:
                   "Point data.cache_dir at a larger disk.")
             return None, []
         try:
-            cache = cls.build(records, keep_side, data_path, index_path, strict)
+            cache = cls.build(records, sizes, data_path, index_path, strict)
         except OSError as error:
             say(f"data.cache=disk: writing {data_path} failed ({error.strerror or error}); reading images from "
                   "disk each epoch instead (data.cache=none).")
@@ -205,20 +197,20 @@ class DiskCache:
         return cls(data_path, index)
 
     @classmethod
-    def build(cls, records: list[Record], keep_side: int, data_path: Path, index_path: Path,
+    def build(cls, records: list[Record], sizes: CacheSizes, data_path: Path, index_path: Path,
               strict: bool = False) -> DiskCache:
         entries, skipped, offset = {}, [], 0
         handle, temporary = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
         try:
             with os.fdopen(handle, "wb") as stream:
-                for source, image in _decoded(records, keep_side, strict, skipped):
+                for source, image in _decoded(records, sizes, strict, skipped):
                     image = np.ascontiguousarray(image, dtype=np.uint8)
                     stream.write(image.tobytes())
                     entries[source] = (offset, image.shape[0], image.shape[1])
                     offset += image.nbytes
             os.replace(temporary, data_path)
             temporary = None
-            index = {"format": DISK_FORMAT, "keep_side": keep_side, "nbytes": offset, "entries": entries,
+            index = {"format": DISK_FORMAT, "nbytes": offset, "entries": entries,
                      "skipped": skipped}
             _write_atomically(index_path, json.dumps(index).encode())
         finally:

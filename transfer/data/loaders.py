@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from transfer.data.augment import build_eval_transform, build_train_transform
 from transfer.config import require
 from transfer.data.cache import CACHE_KINDS, available_memory_bytes, build_cache
+from transfer.data.resize import CacheSizes, train_side
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
 from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, build_splits, read_folder, read_manifest
 from transfer.distributed import rank, world_size
@@ -49,7 +50,8 @@ def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps
     skipped = list(splits.skipped)
     cache = None
     if data_cfg.cache != "none":
-        cache, bad = build_cache(data_cfg.cache, _all_records(splits), keep_side=_keep_side(preprocess), strict=strict,
+        sizes = CacheSizes(preprocess, train_side(preprocess, augment_steps), _eval_sources(splits))
+        cache, bad = build_cache(data_cfg.cache, _all_records(splits), sizes, strict=strict,
                                  cache_dir=getattr(data_cfg, "cache_dir", None))
         skipped += bad
         splits = _without(splits, {path for path, _ in bad})
@@ -73,9 +75,10 @@ def _eval_bytes(splits: DataSplits, preprocess: dict) -> int:
     return count * math.prod(preprocess["input_size"])
 
 
-def _keep_side(preprocess: dict) -> int:
-    """The shortest side any pipeline crops from; larger images are shrunk to it in the cache."""
-    return int(min(preprocess["input_size"][1:]) / preprocess["crop_pct"]) + 1
+def _eval_sources(splits: DataSplits) -> set[str]:
+    """The files only evaluation reads: the cache keeps them at evaluation's scale."""
+    return {record.source for name, records in splits.splits.items() if name != "train" for record in records
+            if isinstance(record.source, str)}
 
 
 def _without(splits: DataSplits, bad_paths: set[str]) -> DataSplits:

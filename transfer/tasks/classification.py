@@ -20,7 +20,7 @@ from transfer.data.augment import build_eval_transform
 from transfer.data.loaders import build_datasets, choose_split, eval_splits, index_data
 from transfer.data.sources import DataSplits
 from transfer.errors import UserError
-from transfer.files import save_picture, write_dict_rows
+from transfer.files import save_picture, write_csv, write_dict_rows
 from transfer.metrics.classification import classification_metrics, top_losses, write_report
 from transfer.models.backbone import build_model
 from transfer.models.inference import autocast, predict_logits
@@ -121,10 +121,22 @@ class Classification(Task):
 
     def report(self, folder: Path, split: str, evaluation: Evaluation, dataset: Dataset | None = None) -> None:
         """Per-class table and confusion matrix; with the split's images, its most confidently wrong ones."""
-        logits, labels, _ = evaluation.outputs
+        logits, labels, indices = evaluation.outputs
         write_report(folder, split, logits, labels, self.classes)
+        if dataset is not None:
+            self.write_predictions_table(folder / f"{split}_predictions.csv", logits, labels, indices, dataset)
         if dataset is not None and self.top_losses:
             self.write_top_losses(folder, split, evaluation, dataset)
+
+    def write_predictions_table(self, path: Path, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                                dataset: Dataset) -> None:
+        """One row per image: its file, true and predicted class, and the predicted class's probability (the
+        figures `transfer predict` gives for the same file)."""
+        probabilities = logits.float().softmax(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        rows = ([dataset.records[int(i)].name, self.classes[int(t)], self.classes[int(p)], f"{c:.6f}"]
+                for i, t, p, c in zip(indices, labels, predicted.tolist(), confidence.tolist()))
+        write_csv(path, ["path", "true", "predicted", "probability"], rows)
 
     def write_top_losses(self, folder: Path, split: str, evaluation: Evaluation, dataset: Dataset) -> None:
         """SPLIT_top_losses.csv and one PNG each of the pixels the model saw (the evaluation transform's output)."""
