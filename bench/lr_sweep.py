@@ -4,8 +4,9 @@
     python -m bench.lr_sweep --lrs 5e-4 1e-3 2e-3 4e-3 8e-3 -- preprocess.input_size=80
 
 `transfer lr-find` runs once with the recipe and the overrides; then one `transfer train` per learning rate
-with the same settings. Prints each run's test top-1 and how far the finder's suggestion lies from the best
-of the sweep (as a factor: the acceptance bar is 3x).
+with the same settings, all on the development images of bench/choices.py (the training images only, 200 of
+them held out): the test split is never read. Prints each run's val top-1 and how far the finder's suggestion
+lies from the best of the sweep (as a factor: the acceptance bar is 3x).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import tempfile
 from pathlib import Path
 
 from bench.fashion_mnist import build_fashion_folder
-from bench.recipes import FASHION, REPO, run
+from bench.choices import VALIDATION, development_manifest, score
+from bench.recipes import FASHION, REPO
 
 DEFAULT_OVERRIDES = ["preprocess.input_size=64", "trainer.epochs=6"]
 
 
-def finder_suggestion(recipe: str, overrides: list[str]) -> float:
+def finder_suggestion(recipe: str, manifest: Path, overrides: list[str]) -> float:
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "transfer", "lr-find", f"recipe={recipe}", f"data.root={FASHION}",
-                        *overrides, f"out={out}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "transfer", "lr-find", f"recipe={recipe}", f"data.root={manifest}",
+                        *VALIDATION, *overrides, f"out={out}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         return json.loads((Path(out) / "lr_find.json").read_text())["suggestion"]
 
 
@@ -38,16 +40,16 @@ def main() -> None:
     arguments, extra = parser.parse_known_args()
     overrides = [item for item in extra if item != "--"] or DEFAULT_OVERRIDES
     build_fashion_folder(FASHION)
-    suggestion = finder_suggestion(arguments.recipe, overrides)
+    manifest = development_manifest(FASHION)
+    suggestion = finder_suggestion(arguments.recipe, manifest, overrides)
     results = {}
     for lr in arguments.lrs:
-        results[lr] = run(arguments.recipe, 0, [*overrides, f"optim.lr={lr}"], arguments.out)
-        print(f"optim.lr={lr:.1e} top1={results[lr]['score']:.4f} train={results[lr]['train_seconds']:.1f}s "
-              f"load={results[lr]['load']:.1f}", flush=True)
-    best = max(results, key=lambda lr: results[lr]["score"])
+        results[lr] = score([*overrides, f"optim.lr={lr}"], manifest, 0, arguments.out, arguments.recipe)
+        print(f"optim.lr={lr:.1e} val top1={results[lr]['val']:.4f} wall={results[lr]['wall']:.1f}s", flush=True)
+    best = max(results, key=lambda lr: results[lr]["val"])
     factor = max(suggestion / best, best / suggestion)
     print(f"lr-find suggests {suggestion:.2e}; best of the sweep {best:.1e} "
-          f"({results[best]['score']:.4f}); factor {factor:.2f} ({' '.join(overrides)})")
+          f"(val {results[best]['val']:.4f}); factor {factor:.2f} ({' '.join(overrides)})")
 
 
 if __name__ == "__main__":
