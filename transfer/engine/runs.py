@@ -20,6 +20,7 @@ import textwrap
 from datetime import datetime
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from transfer.errors import UserError
@@ -65,7 +66,7 @@ def read_run(run_dir: Path, root: Path) -> dict:
         composition = load_composition(run_dir)
         history = epoch_rows(run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else None
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, yaml.YAMLError) as error:
         return {**row, "status": f"unreadable ({type(error).__name__})"}
     trainer = config.get("trainer", {})
     monitor = str(trainer.get("monitor") or "")
