@@ -150,6 +150,14 @@ def test_runs_and_compare_refuse_what_is_not_there(made, run_cli, tmp_path: Path
     assert code == 2 and "is not a run directory" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli(["runs", str(tmp_path)])
     assert code == 0 and out.startswith("no runs in")
+    broken = tmp_path / "runs" / "broken"  # runs/ of the working folder is the default
+    shutil.copytree(folder / "cls-a", tmp_path / "runs" / "fine")
+    shutil.copytree(folder / "cls-a", broken)
+    (broken / "config.yaml").write_text("model: [\n")
+    code, out, err = run_cli(["runs", "format=csv"])
+    assert code == 0, err
+    assert {row["run"]: row["status"] for row in csv.DictReader(io.StringIO(out))} == {
+        "broken": "unreadable (ParserError)", "fine": "done"}
 
 
 def test_the_python_api_lists_the_same_runs(made) -> None:
@@ -164,7 +172,8 @@ def test_the_python_api_lists_the_same_runs(made) -> None:
 
 def test_listing_runs_does_not_load_torch(made) -> None:
     folder, _ = made
-    script = f"import sys; from transfer.cli import main; main(['runs', {str(folder)!r}]); print('torch' in sys.modules)"
+    script = (f"import sys; from transfer.cli import main; main(['runs', {str(folder)!r}]); "
+              "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.split()[-1] == "False", result.stdout + result.stderr
 
@@ -174,8 +183,8 @@ def test_training_ends_with_a_table_of_the_final_metrics(made) -> None:
     for name, task in TASKS.items():
         metrics = final(folder / name)
         lines = printed[name].strip().splitlines()
-        assert lines[-1] == (f"done in {metrics['train_seconds']:.1f}s of training; best epoch {metrics['best_epoch']}; "
-                             f"run directory {folder / name}")
+        assert lines[-1] == (f"done in {metrics['train_seconds']:.1f}s of training; best epoch "
+                             f"{metrics['best_epoch']}; run directory {folder / name}")
         header = lines.index(next(line for line in lines if line.split() == ["metric", "val", "test"]))
         table = {line.split()[0]: line.split()[1:] for line in lines[header + 1:-1]}
         headline = {"classification": "top1", "segmentation": "miou", "detection": "map50"}[task]
