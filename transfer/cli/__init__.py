@@ -25,6 +25,8 @@ commands:
   lr-find          sweep the learning rate, plot the loss, suggest optim.lr: transfer lr-find [overrides] [out=DIR]
   export           for other projects: transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all
   report           rebuild a run's report.html (curves, metrics, mistakes, overlays, config): transfer report RUN
+  runs             the runs in a folder, one line each: transfer runs [FOLDER] [sort=COLUMN] [desc=true] [format=csv]
+  compare          what differs between two runs (overrides, config, metrics B-A): transfer compare RUN_A RUN_B
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -33,7 +35,8 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report")
+COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report", "runs",
+            "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +98,14 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.report import report_command
 
         return report_command(arguments)
+    if command == "runs":
+        from transfer.cli.runs import runs_command
+
+        return runs_command(arguments)
+    if command == "compare":
+        from transfer.cli.runs import compare_command
+
+        return compare_command(arguments)
     if command == "lr-find":
         from transfer.cli.lr_find import lr_find_command
 
