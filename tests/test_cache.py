@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from transfer.data.augment import build_eval_transform
-from transfer.data.cache import DiskCache, build_cache, default_cache_dir, shrink
+from transfer.data.cache import DiskCache, build_cache, shrink
+from transfer.data.cache_folder import default_cache_dir
 from transfer.data.dataset import ImageDataset
 from transfer.data.images import read_rgb
 from transfer.data.loaders import build_loader

@@ -24,6 +24,8 @@ commands:
   augment-preview  write a PNG grid of augmented training images: transfer augment-preview [overrides] [out=PNG]
   lr-find          sweep the learning rate, plot the loss, suggest optim.lr: transfer lr-find [overrides] [out=DIR]
   export           for other projects: transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all
+  cache            list or clear the disk image caches and linear-probe features under data.cache_dir:
+                   transfer cache [list|clear] [what=images|features|all] [older_than_days=N] [data.cache_dir=DIR]
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -32,7 +34,7 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find")
+COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "cache")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +92,10 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.export import export_command
 
         return export_command(arguments)
+    if command == "cache":
+        from transfer.cli.cache import cache_command
+
+        return cache_command(arguments)
     if command == "lr-find":
         from transfer.cli.lr_find import lr_find_command
 
