@@ -26,7 +26,8 @@ def write(path: Path, text: str) -> None:
 
 def machine(root: Path, available: int, cgroup: str, mountinfo: str | None) -> Path:
     """root/proc as Linux writes it: meminfo, this process's cgroups and mounts."""
-    write(root / "proc/meminfo", f"MemTotal:       65000000 kB\nMemFree:  1000 kB\nMemAvailable:   {available // 1024} kB\n")
+    write(root / "proc/meminfo", f"MemTotal:       65000000 kB\nMemFree:            1000 kB\n"
+                                 f"MemAvailable:   {available // 1024} kB\n")
     write(root / "proc/self/cgroup", cgroup)
     if mountinfo is not None:
         write(root / "proc/self/mountinfo", mountinfo)
