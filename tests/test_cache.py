@@ -247,7 +247,7 @@ def test_transfer_cache_lists_and_clears(tmp_path: Path, run_cli) -> None:
     del held
     age(image_key, root / "images", hours=1)
     code, out, _ = run_cli(["cache", "clear", f"data.cache_dir={root}"])
-    assert "removed 1 " in out and not entries(root) and not list((root / "images").iterdir())
+    assert "removed 1 images/features entry" in out and not entries(root) and not list((root / "images").iterdir())
 
 
 @pytest.mark.parametrize("arguments, expected", [

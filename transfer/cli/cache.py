@@ -81,8 +81,8 @@ def list_entries(root: Path, kinds: tuple[str, ...], older: float | None, cap: i
               f"{entry.describe()}")
     total = sum(entry.size for entry in everything)
     limit = f"the cap data.cache_max_gb={cap / 1e9:g}" if cap is not None else "no cap (data.cache_max_gb=null)"
-    part = f"; shown: {len(shown)} entries, {size(sum(e.size for e in shown))}" if len(shown) != len(everything) else ""
-    print(f"total {size(total)} in {len(everything)} entries under {root}, against {limit}{part}")
+    part = f"; shown: {entries_count(len(shown))}, {size(sum(e.size for e in shown))}" if shown != everything else ""
+    print(f"total {size(total)} in {entries_count(len(everything))} under {root}, against {limit}{part}")
     return 0
 
 
@@ -90,5 +90,9 @@ def clear_entries(root: Path, kinds: tuple[str, ...], older: float | None) -> in
     removed, busy = clear(root, kinds, older)
     freed = sum(entry.size for entry in removed)
     kept = f"; kept {len(busy)} in use by a running transfer (or used seconds ago)" if busy else ""
-    print(f"freed {size(freed)}: removed {len(removed)} {'/'.join(kinds)} entries from {root}{kept}")
+    print(f"freed {size(freed)}: removed {entries_count(len(removed), '/'.join(kinds))} from {root}{kept}")
     return 0
+
+
+def entries_count(count: int, kind: str = "") -> str:
+    return f"{count} {kind + ' ' if kind else ''}entr{'y' if count == 1 else 'ies'}"

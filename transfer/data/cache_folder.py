@@ -69,7 +69,7 @@ def cap_bytes(value) -> int | None:
         gigabytes = float(value)
     except (TypeError, ValueError):
         gigabytes = -1.0
-    if not gigabytes > 0:
+    if not 0 < gigabytes < float("inf"):
         raise UserError(f"data.cache_max_gb={value} must be a number of gigabytes above 0 (e.g. data.cache_max_gb="
                         f"{DEFAULT_MAX_GB}), or null for no cap.")
     return int(gigabytes * 1e9)
