@@ -27,6 +27,8 @@ commands:
   report           rebuild a run's report.html (curves, metrics, mistakes, overlays, config): transfer report RUN
   runs             the runs in a folder, one line each: transfer runs [FOLDER] [sort=COLUMN] [desc=true] [format=csv]
   compare          what differs between two runs (overrides, config, metrics B-A): transfer compare RUN_A RUN_B
+  cache            list or clear the disk image caches and linear-probe features under data.cache_dir:
+                   transfer cache [list|clear] [what=images|features|all] [older_than_days=N] [data.cache_dir=DIR]
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -36,7 +38,7 @@ Also runs as `python -m transfer`. Examples:
 """
 
 COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report", "runs",
-            "compare")
+            "compare", "cache")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +108,10 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.runs import compare_command
 
         return compare_command(arguments)
+    if command == "cache":
+        from transfer.cli.cache import cache_command
+
+        return cache_command(arguments)
     if command == "lr-find":
         from transfer.cli.lr_find import lr_find_command
 
