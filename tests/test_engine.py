@@ -186,6 +186,10 @@ TABLE = {
     ("data.cache=disk",): {"classification": same_run, "segmentation": REFUSED, "detection": REFUSED},
     ("data.cache_dir=CACHE", "data.cache=disk"): {"classification": lambda r, b: same_run(r, b) and any(
         (r.run.parent / "cache").rglob("*")), "segmentation": REFUSED, "detection": REFUSED},
+    # a cap below the cache's size: classification reads the files instead (same numbers); dense tasks write no cache
+    ("data.cache_max_gb=0.000001", "data.cache=disk", "data.cache_dir=CACHE"): {
+        "classification": every(printed("more than data.cache_max_gb=1e-06"), same_run),
+        "segmentation": REFUSED, "detection": REFUSED},
     ("data.on_bad_image=error",): dict.fromkeys(TASKS, lambda r, b: r.code == 2 and "Traceback" not in r.err),
     ("data.allow_outside_root=true",): {"classification": lambda r, b: r.code == 0,  # effect: test_sources.py
                                         "segmentation": REFUSED,

@@ -7,7 +7,8 @@ Layers, top to bottom; a module may import transfer modules of its own layer or 
     engine   transfer.engine.*
     tasks    transfer.tasks.*
     parts    transfer.data.*, transfer.models.*, transfer.metrics.*
-    ground   transfer.errors, transfer.files, transfer.config, transfer.checkpoint, transfer.distributed
+    ground   transfer.errors, transfer.files, transfer.config, transfer.checkpoint, transfer.distributed,
+             transfer.resources
 
 Each test lists every offending file:line, so one run shows everything there is to fix.
 """
@@ -33,6 +34,7 @@ PLACES = {
     "tasks": "tasks",
     "data": "parts", "models": "parts", "metrics": "parts",
     "errors": "ground", "files": "ground", "config": "ground", "checkpoint": "ground", "distributed": "ground",
+    "resources": "ground",
 }
 
 

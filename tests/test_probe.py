@@ -102,6 +102,18 @@ def test_second_run_reuses_the_features(runs) -> None:
     assert rows(again) == rows(runs["fast"][0]) and final(again) == final(runs["fast"][0])
 
 
+def test_the_cache_folder_lists_each_split_with_what_it_came_from(runs, folder: Path) -> None:
+    """One entry per split (KEY.npy + KEY.json + KEY.about.json), described for `transfer cache list`."""
+    from transfer.data.cache_folder import entries
+
+    found = entries(folder / "cache")
+    assert sorted(entry.kind for entry in found) == ["features"] * 3
+    assert all(len(entry.files) == 3 for entry in found)
+    described = sorted(entry.describe() for entry in found)
+    assert described[0] == f"test_efficientnet features of test (8 images) of {folder / 'images'}"
+    assert {entry.about["split"] for entry in found} == {"train", "val", "test"}
+
+
 def key_of(records: list[Record], preprocess: dict, model: torch.nn.Module, **cfg_overrides) -> str:
     cfg = OmegaConf.create({"model": {"name": "test_efficientnet"}, **cfg_overrides})
     dataset = ImageDataset(records, build_eval_transform(preprocess))

@@ -9,10 +9,11 @@ backend, no Hydra state.
     model = transfer.load(run.best)                # the fine-tuned model with its classes and preprocessing
     model.predict(["a.jpg", "b.jpg"])             # files or H×W×3 uint8 arrays
     transfer.export(run.best, "timm", "exports/mine")
+    transfer.runs("runs")                          # every run in a folder, one dict each
 """
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "predict", "export", "report", "Run", "Model"]
+__all__ = ["train", "load", "predict", "export", "report", "runs", "compare", "Run", "Model"]
 
 
 def __getattr__(name: str):

@@ -6,6 +6,8 @@
     model.predict(["a.jpg", numpy_image])    # classification: [{label: probability}] best first
     transfer.export(run.best, "timm", "exports/mine")
     transfer.report(run.run_dir)             # rebuild RUN/report.html
+    transfer.runs("runs")                    # every run below a folder: task, model, overrides, metrics, status
+    transfer.compare("runs/a", "runs/b")     # overrides, config keys and metrics (B - A) that differ
 
 Configs are composed exactly as `transfer train` composes them (same groups, recipes, overrides), so a run
 made here reruns with `transfer train --config RUN/config.yaml`. Mistakes raise `transfer.errors.UserError`
@@ -27,9 +29,10 @@ from transfer.data.images import read_rgb
 from transfer.engine.inference import Loaded, load_for_inference
 from transfer.engine.report import write_html_report
 from transfer.engine.rundir import make_run_dir
+from transfer.engine.runs import compare_runs, find_runs
 from transfer.exports import FORMATS, export as export_format, load_source
 
-__all__ = ["Model", "Run", "export", "load", "predict", "report", "train"]
+__all__ = ["Model", "Run", "compare", "export", "load", "predict", "report", "runs", "train"]
 
 
 @dataclass
@@ -109,3 +112,18 @@ def export(checkpoint: str | Path, format: str, out: str | Path, weights: str = 
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Rebuild a run's report.html (or write it to `out`) from its run directory alone; returns the page's path."""
     return write_html_report(Path(run_dir).expanduser(), out)
+
+
+def runs(folder: str | Path = "runs") -> list[dict]:
+    """Every run below `folder` (multirun and sweep folders included), as `transfer runs` lists them: run (its path
+    below `folder`), status (done, running, stopped), task, model, recipe, overrides, monitor, best (the monitored
+    metric's value), test (the same metric on the test split), epochs, time (seconds of training), date (its
+    start), path, and metrics (its whole metrics.json; {} until it finishes)."""
+    return find_runs(folder)
+
+
+def compare(a: str | Path, b: str | Path) -> dict:
+    """What differs between two run directories: {"overrides": {key: {"a", "b"}}, "config": {dotted key:
+    {"a", "b"}}, "metrics": {name: {"a", "b", "difference": b - a}} (every number both metrics.json hold)};
+    None marks a key a run does not have."""
+    return compare_runs(a, b)

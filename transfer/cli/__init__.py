@@ -25,6 +25,10 @@ commands:
   lr-find          sweep the learning rate, plot the loss, suggest optim.lr: transfer lr-find [overrides] [out=DIR]
   export           for other projects: transfer export checkpoint=RUN/best.pt format=timm|backbone|onnx|torchscript|all
   report           rebuild a run's report.html (curves, metrics, mistakes, overlays, config): transfer report RUN
+  runs             the runs in a folder, one line each: transfer runs [FOLDER] [sort=COLUMN] [desc=true] [format=csv]
+  compare          what differs between two runs (overrides, config, metrics B-A): transfer compare RUN_A RUN_B
+  cache            list or clear the disk image caches and linear-probe features under data.cache_dir:
+                   transfer cache [list|clear] [what=images|features|all] [older_than_days=N] [data.cache_dir=DIR]
 
 Also runs as `python -m transfer`. Examples:
   transfer train                                   # EfficientNet-Lite0 on the embedded digits, offline
@@ -33,7 +37,8 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report")
+COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report", "runs",
+            "compare", "cache")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +100,18 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.report import report_command
 
         return report_command(arguments)
+    if command == "runs":
+        from transfer.cli.runs import runs_command
+
+        return runs_command(arguments)
+    if command == "compare":
+        from transfer.cli.runs import compare_command
+
+        return compare_command(arguments)
+    if command == "cache":
+        from transfer.cli.cache import cache_command
+
+        return cache_command(arguments)
     if command == "lr-find":
         from transfer.cli.lr_find import lr_find_command
 

@@ -12,6 +12,14 @@ def command_help(command: str, usage: str) -> str:
         from transfer.cli import sweep
 
         return sweep.__doc__.replace("`", "")
+    if command in ("runs", "compare"):
+        from transfer.cli import runs
+
+        return runs.__doc__.replace("`", "")
+    if command == "cache":
+        from transfer.cli import cache
+
+        return cache.__doc__.replace("`", "")
     if command != "train":
         return usage
     lines = ["usage: transfer train [--config RUN/config.yaml] [--cfg] [-m] [group=option ...] [key=value ...]",

@@ -51,7 +51,25 @@ def build_eval_transform(preprocess: dict) -> A.Compose:
     """timm's eval recipe through transfer's one resize (data/resize.py): scale the shorter side to
     input/crop_pct (antialiased), then centre-crop the input size: eval, predict, the caches and timm's own
     transform of an export see the same pixels."""
-    return A.Compose([A.Lambda(image=EvalResize(preprocess), name="EvalResize"), ToTensorV2()])
+    height, width = preprocess["input_size"][1:]
+    return A.Compose([CenterResize(height, width, preprocess["crop_pct"], preprocess["interpolation"]), ToTensorV2()])
+
+
+class CenterResize(A.ImageOnlyTransform):
+    """data/resize.py's EvalResize as an albumentations step, whose repr names its settings (the linear probe's
+    feature cache is keyed by the transform's repr, so it must be the same in every process)."""
+
+    def __init__(self, height: int, width: int, crop_pct: float, interpolation: str, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.height, self.width, self.crop_pct, self.interpolation = height, width, crop_pct, interpolation
+        self.resize = EvalResize({"input_size": (3, height, width), "crop_pct": crop_pct,
+                                  "interpolation": interpolation})
+
+    def apply(self, img, **params):
+        return self.resize(img)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "crop_pct", "interpolation")
 
 
 def transform_class(target: str) -> type:

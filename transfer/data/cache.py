@@ -1,15 +1,19 @@
 """Decoded-image caches (`data.cache`): decode every image once, so later epochs skip reading and decoding.
 
   none   read and decode the files every epoch
-  ram    uint8 arrays in this process's memory, within half of the available memory
+  ram    uint8 arrays in this process's memory, within half of the memory it may use (transfer.resources:
+         the container's limit or the available memory, whichever is tighter)
   disk   uint8 arrays in one memory-mapped file under `data.cache_dir` (images/), reused by later runs
-         over the same files: keyed by a hash of the paths, sizes, modification times and the kept side
+         over the same files: keyed by a hash of the paths, sizes, modification times and the kept side;
+         the cache folder stays under `data.cache_max_gb` by evicting what was used least recently
+         (transfer.data.cache_folder)
 
 Images are shrunk (never enlarged) through transfer's one resize (data/resize.py): evaluation images by
 evaluation's own scaling, so they evaluate to the same pixels as their files; training images to the side the
 random crops need (CacheSizes).
-When the cache would not fit (memory budget, free disk space) training says so in one line and reads the
-files as usual. Either cache reports its size in one line. Both are looked up by file path with `.get`.
+When the cache would not fit (memory budget, free disk space, the size cap) training says so in one line and
+reads the files as usual. Either cache reports its size in one line. Both are looked up by file path with
+`.get`. The dense tasks keep their decoded pairs under the same memory budget (`fits_in_memory`).
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from transfer.data.cache_folder import cache_root, eviction_note, hold, size, use, write_about
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.resize import CacheSizes
 from transfer.data.sources import Record
 from transfer.distributed import is_main
 from transfer.errors import UserError
+from transfer.files import atomic_write, write_text
+from transfer.resources import usable_memory
 
 CACHE_KINDS = ("none", "ram", "disk")
 DISK_FORMAT = 2  # 2: evaluation images kept at evaluation's scale (data/resize.py)
@@ -41,32 +47,27 @@ def say(message: str) -> None:
         print(message)
 
 
-def default_cache_dir() -> Path:
-    """$TRANSFER_CACHE_DIR, else $XDG_CACHE_HOME/transfer, else ~/.cache/transfer."""
-    if os.environ.get("TRANSFER_CACHE_DIR"):
-        return Path(os.environ["TRANSFER_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "transfer"
+def memory_budget(budget_bytes: int | None = None) -> tuple[int, str]:
+    """(bytes an in-memory cache may take, what they are half of): half of what this process may use."""
+    if budget_bytes is not None:
+        return budget_bytes, "as given"
+    memory = usable_memory()
+    return memory.bytes // 2, f"half of {memory.source}"
 
 
-def cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    """`data.cache_dir`, or the default when it is null."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+def fits_in_memory(needed: int, instead: str, budget_bytes: int | None = None) -> int | None:
+    """The budget when `needed` bytes fit in it; None, after one line saying where the limit came from and
+    what happens `instead`, when they do not."""
+    budget, source = memory_budget(budget_bytes)
+    if needed <= budget:
+        return budget
+    say(f"data.cache=ram needs ~{size(needed)} but the budget is {size(budget)} ({source}); {instead}")
+    return None
 
 
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 1024**3
-
-
-def estimate_bytes(records: list[Record], sizes: CacheSizes) -> int:
-    """Upper bound of the cache size from image headers alone (nothing is decoded)."""
+def estimate_bytes(records: list, sizes: CacheSizes | None, channels: int = 3) -> int:
+    """Upper bound of the cache size from image headers alone (nothing is decoded); `sizes` None: kept at full
+    size. `channels` counts the bytes per pixel held (an RGB image and its mask: 4)."""
     total = 0
     for record in records:
         if isinstance(record.source, np.ndarray):
@@ -76,37 +77,35 @@ def estimate_bytes(records: list[Record], sizes: CacheSizes) -> int:
                 width, height = image.size
         except Exception:
             continue
-        kept_height, kept_width = sizes.shape(record.source, height, width)
-        total += kept_height * kept_width * 3
+        kept_height, kept_width = (height, width) if sizes is None else sizes.shape(record.source, height, width)
+        total += kept_height * kept_width * channels
     return total
 
 
 def build_cache(kind: str, records: list[Record], sizes: CacheSizes, strict: bool = False,
-                cache_dir: str | os.PathLike | None = None,
-                budget_bytes: int | None = None) -> tuple[dict | DiskCache | None, list[tuple[str, str]]]:
-    """(cache or None, skipped files) for `data.cache=kind`; prints one line on what it holds or why not."""
+                cache_dir: str | os.PathLike | None = None, budget_bytes: int | None = None,
+                max_bytes: int | None = None) -> tuple[dict | DiskCache | None, list[tuple[str, str]]]:
+    """(cache or None, skipped files) for `data.cache=kind`; prints one line on what it holds or why not.
+    `max_bytes`: the cache folder's cap (data.cache_max_gb), None for none."""
     if kind == "ram":
         return fill_cache(records, sizes, budget_bytes, strict)
     if kind == "disk":
-        return DiskCache.open_or_build(records, sizes, cache_root(cache_dir) / "images", strict)
+        return DiskCache.open_or_build(records, sizes, cache_root(cache_dir) / "images", strict, max_bytes)
     return None, []
 
 
 def fill_cache(records: list[Record], sizes: CacheSizes, budget_bytes: int | None = None,
                strict: bool = False) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, str]]]:
     """`data.cache=ram`: (cache or None when it would not fit, skipped files). Keyed by file path."""
-    budget = budget_bytes if budget_bytes is not None else available_memory_bytes() // 2
-    needed = estimate_bytes(records, sizes)
-    if needed > budget:
-        say(f"data.cache=ram needs ~{_size(needed)} but the budget is {_size(budget)} (half the available "
-              "memory); reading images from disk each epoch instead (data.cache=none; data.cache=disk keeps them "
-              "in a memory-mapped file).")
+    budget = fits_in_memory(estimate_bytes(records, sizes), "reading images from disk each epoch instead "
+                            "(data.cache=none; data.cache=disk keeps them in a memory-mapped file).", budget_bytes)
+    if budget is None:
         return None, []
     cache, skipped = {}, []
     for source, image in _decoded(records, sizes, strict, skipped):
         cache[source] = image
     held = sum(image.nbytes for image in cache.values())
-    say(f"data.cache=ram: {len(cache)} images, {_size(held)} in memory (budget {_size(budget)})")
+    say(f"data.cache=ram: {len(cache)} images, {size(held)} in memory (budget {size(budget)})")
     return cache, skipped
 
 
@@ -137,6 +136,7 @@ class DiskCache:
         self.skipped: list[tuple[str, str]] = [tuple(item) for item in index.get("skipped", [])]
         self.nbytes = int(index["nbytes"])
         self._map: np.ndarray | None = None
+        self.hold = None  # a shared lock on the data file while this run uses it (cache_folder.use)
 
     @staticmethod
     def key(records: list[Record], sizes: CacheSizes) -> str:
@@ -152,16 +152,21 @@ class DiskCache:
         return digest.hexdigest()[:24]
 
     @classmethod
-    def open_or_build(cls, records: list[Record], sizes: CacheSizes, folder: Path,
-                      strict: bool = False) -> tuple[DiskCache | None, list[tuple[str, str]]]:
+    def open_or_build(cls, records: list[Record], sizes: CacheSizes, folder: Path, strict: bool = False,
+                      max_bytes: int | None = None) -> tuple[DiskCache | None, list[tuple[str, str]]]:
         key = cls.key(records, sizes)
         data_path, index_path = folder / f"{key}.u8", folder / f"{key}.json"
         cache = cls.load(data_path, index_path)
         if cache is not None:
+            try:
+                cache.hold = use(folder, key, data_path)
+            except FileNotFoundError:  # `transfer cache clear` removed it just now: build it again
+                cache = None
+        if cache is not None:
             if strict and cache.skipped:
                 path, reason = cache.skipped[0]
                 raise UserError(f"bad image {path}: {reason} (data.on_bad_image=error)")
-            say(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path} (reused), "
+            say(f"data.cache=disk: {len(cache.entries)} images, {size(cache.nbytes)} in {data_path} (reused), "
                   f"memory-mapped")
             return cache, cache.skipped
         needed = estimate_bytes(records, sizes)
@@ -173,17 +178,26 @@ class DiskCache:
                   "each epoch instead (data.cache=none). Set data.cache_dir to a writable folder.")
             return None, []
         if needed > free - DISK_RESERVE_BYTES:
-            say(f"data.cache=disk needs ~{_size(needed)} but {folder} has {_size(free)} free (keeping "
-                  f"{_size(DISK_RESERVE_BYTES)}); reading images from disk each epoch instead (data.cache=none). "
+            say(f"data.cache=disk needs ~{size(needed)} but {folder} has {size(free)} free (keeping "
+                  f"{size(DISK_RESERVE_BYTES)}); reading images from disk each epoch instead (data.cache=none). "
                   "Point data.cache_dir at a larger disk.")
+            return None, []
+        if max_bytes is not None and needed > max_bytes:
+            say(f"data.cache=disk needs ~{size(needed)}, more than data.cache_max_gb={max_bytes / 1e9:g}; reading "
+                "images from disk each epoch instead (data.cache=none). Raise data.cache_max_gb (null: no cap).")
             return None, []
         try:
             cache = cls.build(records, sizes, data_path, index_path, strict)
+            cache.hold = hold(data_path)
+            write_about(folder, key, describe_images(records, sizes), kept=sizes.summary())
         except OSError as error:
             say(f"data.cache=disk: writing {data_path} failed ({error.strerror or error}); reading images from "
                   "disk each epoch instead (data.cache=none).")
             return None, []
-        say(f"data.cache=disk: {len(cache.entries)} images, {_size(cache.nbytes)} in {data_path}, memory-mapped")
+        say(f"data.cache=disk: {len(cache.entries)} images, {size(cache.nbytes)} in {data_path}, memory-mapped")
+        note = eviction_note(folder.parent, max_bytes, keep={folder / key})
+        if note:
+            say(note)
         return cache, cache.skipped
 
     @classmethod
@@ -200,22 +214,15 @@ class DiskCache:
     def build(cls, records: list[Record], sizes: CacheSizes, data_path: Path, index_path: Path,
               strict: bool = False) -> DiskCache:
         entries, skipped, offset = {}, [], 0
-        handle, temporary = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                for source, image in _decoded(records, sizes, strict, skipped):
-                    image = np.ascontiguousarray(image, dtype=np.uint8)
-                    stream.write(image.tobytes())
-                    entries[source] = (offset, image.shape[0], image.shape[1])
-                    offset += image.nbytes
-            os.replace(temporary, data_path)
-            temporary = None
-            index = {"format": DISK_FORMAT, "nbytes": offset, "entries": entries,
-                     "skipped": skipped}
-            _write_atomically(index_path, json.dumps(index).encode())
-        finally:
-            if temporary is not None:
-                Path(temporary).unlink(missing_ok=True)
+        with atomic_write(data_path, "wb") as stream:
+            for source, image in _decoded(records, sizes, strict, skipped):
+                image = np.ascontiguousarray(image, dtype=np.uint8)
+                stream.write(image.tobytes())
+                entries[source] = (offset, image.shape[0], image.shape[1])
+                offset += image.nbytes
+        index = {"format": DISK_FORMAT, "nbytes": offset, "entries": entries,
+                 "skipped": skipped}
+        write_text(index_path, json.dumps(index))
         return cls(data_path, json.loads(index_path.read_text()))
 
     def _pixels(self) -> np.ndarray:
@@ -238,22 +245,14 @@ class DiskCache:
         return len(self.entries)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_map": None}
+        return {**self.__dict__, "_map": None, "hold": None}  # loader workers map the file themselves
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def describe_images(records: list[Record], sizes: CacheSizes) -> str:
+    """What an image cache was built from, for `transfer cache list`."""
+    paths = [record.source for record in records if isinstance(record.source, str)]
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} B"
+        folder = os.path.commonpath(paths) if paths else "?"
+    except ValueError:
+        folder = "several folders"
+    return f"{len(paths)} images under {folder}, {sizes.summary()}"

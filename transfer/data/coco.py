@@ -23,6 +23,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
+from transfer.data.cache import estimate_bytes, fits_in_memory, say
+from transfer.data.cache_folder import size
 from transfer.data.dataset import bad_sample, seed_augmentation, split_bad
 from transfer.data.images import BadImageError, read_rgb
 from transfer.data.sources import SPLIT_ALIASES, is_inside
@@ -292,9 +294,16 @@ class BoxDataset(Dataset):
                 "index": index}
 
 
-def decode_all(records: list[BoxRecord], strict: bool) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+def decode_all(records: list[BoxRecord], strict: bool,
+               budget_bytes: int | None = None) -> tuple[dict[str, np.ndarray] | None, list[tuple[str, str]]]:
     """data.cache=ram: every image decoded once, so epochs augment from memory; unreadable ones are known (and
-    listed) before the first step."""
+    listed) before the first step. Images are kept at full size, within the memory budget of classification's
+    RAM cache (half of what the process may use); when they would not fit, (None, []) after one line, and the
+    images are read each epoch as with data.cache=none."""
+    budget = fits_in_memory(estimate_bytes(records, None),
+                            "reading images from disk each epoch instead (data.cache=none).", budget_bytes)
+    if budget is None:
+        return None, []
     cache, skipped = {}, []
     for record in records:
         try:
@@ -303,6 +312,8 @@ def decode_all(records: list[BoxRecord], strict: bool) -> tuple[dict[str, np.nda
             if strict:
                 raise
             skipped.append((str(error.path), error.reason))
+    held = sum(image.nbytes for image in cache.values())
+    say(f"data.cache=ram: {len(cache)} images, {size(held)} in memory (budget {size(budget)})")
     return cache, skipped
 
 

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from transfer.data.augment import build_eval_transform, build_train_transform
 from transfer.config import require
-from transfer.data.cache import CACHE_KINDS, available_memory_bytes, build_cache
+from transfer.data.cache import CACHE_KINDS, build_cache, memory_budget
+from transfer.data.cache_folder import DEFAULT_MAX_GB, cap_bytes
 from transfer.data.resize import CacheSizes, train_side
 from transfer.data.dataset import ImageDataset, collate_skipping_bad
 from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, build_splits, read_folder, read_manifest
@@ -49,16 +50,17 @@ def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps
     strict = data_cfg.on_bad_image == "error"
     skipped = list(splits.skipped)
     cache = None
+    cap = cap_bytes(getattr(data_cfg, "cache_max_gb", DEFAULT_MAX_GB))
     if data_cfg.cache != "none":
         sizes = CacheSizes(preprocess, train_side(preprocess, augment_steps), _eval_sources(splits))
         cache, bad = build_cache(data_cfg.cache, _all_records(splits), sizes, strict=strict,
-                                 cache_dir=getattr(data_cfg, "cache_dir", None))
+                                 cache_dir=getattr(data_cfg, "cache_dir", None), max_bytes=cap)
         skipped += bad
         splits = _without(splits, {path for path, _ in bad})
     train_transform = build_train_transform(augment_steps, preprocess)
     eval_transform = build_eval_transform(preprocess)
     # with a cache, evaluation splits also keep their transformed images (deterministic) after the first pass
-    memoize = cache is not None and _eval_bytes(splits, preprocess) <= available_memory_bytes() // 4
+    memoize = cache is not None and _eval_bytes(splits, preprocess) <= memory_budget()[0] // 2
     datasets = {name: ImageDataset(records, train_transform if name == "train" else eval_transform,
                                    cache=cache, strict=strict, seed=seed if name == "train" else None, memoize=memoize)
                 for name, records in splits.splits.items()}

@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transfer.data.augment import IGNORE_INDEX
+from transfer.data.cache import estimate_bytes, fits_in_memory, say
+from transfer.data.cache_folder import size
 from transfer.data.dataset import bad_sample, seed_augmentation
 from transfer.data.images import IMAGE_EXTENSIONS, BadImageError, read_rgb
 from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, complete_splits, drop_shared_files
@@ -151,9 +153,17 @@ class PairDataset(Dataset):
         return {"image": out["image"], "mask": out["mask"].long(), "index": index}
 
 
-def load_all(records: list[Record], num_classes: int, ignore_index: int,
-             strict: bool) -> tuple[dict, list[tuple[str, str]]]:
-    """Every pair decoded and checked once (data.cache != none): bad pairs are known before the first step."""
+def load_all(records: list[Record], num_classes: int, ignore_index: int, strict: bool,
+             budget_bytes: int | None = None) -> tuple[dict | None, list[tuple[str, str]]]:
+    """Every pair decoded and checked once (data.cache=ram): bad pairs are known before the first step. The
+    pairs are kept at full size (the crop is random), so they must fit the memory budget that classification's
+    RAM cache has (half of what the process may use); when they would not, (None, []) after one line, and the
+    pairs are read each epoch as with data.cache=none."""
+    needed = estimate_bytes(records, None, channels=4)  # RGB + a one-byte mask per pixel
+    budget = fits_in_memory(needed, "reading image/mask pairs from disk each epoch instead (data.cache=none).",
+                            budget_bytes)
+    if budget is None:
+        return None, []
     cache, skipped = {}, []
     for record in records:
         try:
@@ -162,4 +172,6 @@ def load_all(records: list[Record], num_classes: int, ignore_index: int,
             if strict:
                 raise
             skipped.append((str(error.path), error.reason))
+    held = sum(image.nbytes + mask.nbytes for image, mask in cache.values())
+    say(f"data.cache=ram: {len(cache)} image/mask pairs, {size(held)} in memory (budget {size(budget)})")
     return cache, skipped

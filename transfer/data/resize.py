@@ -106,6 +106,10 @@ class CacheSizes:
         return short_side_shape(height, width, self.train_side) if min(height, width) > self.train_side \
             else (height, width)
 
+    def summary(self) -> str:
+        """The kept sizes in words, for `transfer cache list`."""
+        return f"training images at most {self.train_side} px on the shorter side, evaluation's at {self.eval.scale}"
+
     def describe(self, source: str) -> str:
         """What decides the pixels kept for `source` (part of the disk cache's key)."""
         if source in self.eval_sources:

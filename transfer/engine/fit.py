@@ -22,6 +22,7 @@ from transfer.engine.monitor import Monitor, build_monitor
 from transfer.engine.parallel import agree, broadcast_weights, evaluate, lost_peer, sync_batchnorm
 from transfer.engine.report import write_html_report
 from transfer.engine.rundir import SkippedFiles, log, write_epochs, write_run_info
+from transfer.engine.runs import split_table
 from transfer.engine.setup import Setup, build_setup, seed_everything
 from transfer.engine.state import NonFiniteError, check_finite, fresh_state, last_good, resume, save_progress
 from transfer.engine.techniques import Techniques
@@ -204,12 +205,17 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
         write_json(run_dir / "metrics.json", metrics)
         plot_curves(state["history"], monitor.name, run_dir / "curves.png")
         write_html_report(run_dir)
-    headline = {key: round(value, 4) for key, value in metrics.items()
-                if "/" in key and key.split("/", 1)[1] in run.task.metric_modes(run.data.classes)
-                and not key.endswith("/loss") and key.count("/") == 1}
-    log(f"done in {state['train_seconds']:.1f}s of training; best epoch {metrics['best_epoch']}; {headline}; "
-        f"run directory {run_dir}")
+    log(done_report(metrics, run.task.metric_modes(run.data.classes), run_dir))
     return metrics
+
+
+def done_report(metrics: dict[str, float], modes: dict[str, str], run_dir: Path) -> str:
+    """The last lines of a run: the task's headline metrics (not the loss, not per-class ones) as metric × split,
+    then the time, best epoch and where everything is."""
+    names = [name for name in modes if name != "loss" and "/" not in name]
+    table = split_table(metrics, names)
+    return (f"{table}\n" if table else "") + (f"done in {metrics['train_seconds']:.1f}s of training; best epoch "
+                                              f"{metrics['best_epoch']}; run directory {run_dir}")
 
 
 def rank_state(model, kit: Techniques) -> dict:

@@ -58,7 +58,8 @@ class Detection(Task):
         if data.cache != "none":
             cache, bad = decode_all([r for records in splits.values() for r in records], strict)
             skipped += bad
-            splits = {name: [r for r in records if r.source in cache] for name, records in splits.items()}
+            bad_paths = {path for path, _ in bad}
+            splits = {name: [r for r in records if r.source not in bad_paths] for name, records in splits.items()}
         steps = OmegaConf.to_container(cfg.augment.train, resolve=True)
         train = build_dense_transform(steps, preprocess, boxes=True, min_visibility=task.min_visibility)
         evaluate = build_dense_transform(None, preprocess, boxes=True)

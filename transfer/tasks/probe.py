@@ -19,7 +19,9 @@ Features are cached under `data.cache_dir`/features, one file per split, keyed b
 of the frozen weights, the split's files (paths, sizes, modification times, labels), the transform and
 preprocessing, the device kind and precision, and the torch/timm versions: a second run with other head
 settings (lr, epochs, optimizer, label smoothing …) skips the backbone; a changed image, weight or
-preprocessing setting extracts again. Files are written under temporary names and renamed into place.
+preprocessing setting extracts again. Files are written under temporary names and renamed into place, with
+KEY.about.json (model, data folder, split) for `transfer cache list`; a run holds the features it loaded, and
+after writing new ones the cache folder is brought back under `data.cache_max_gb` (data/cache_folder.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from transfer.data.cache import cache_root
+from transfer.data.cache_folder import DEFAULT_MAX_GB, cap_bytes, cache_root, eviction_note, use, write_about
 from transfer.data.dataset import ImageDataset, raise_if_strict
 from transfer.data.loaders import build_loader
 from transfer.distributed import gather, is_main
@@ -64,6 +66,7 @@ class Features:
     skipped: list[tuple[str, str]]
     cached: bool
     seconds: float
+    hold: object = None  # a shared lock on the cached file while this run reads it (cache_folder.use)
 
 
 class FeatureDataset(Dataset):
@@ -149,10 +152,12 @@ def train_on_features(cfg, model: nn.Module, data, loaders: dict, normalize, amp
         return model, loaders, normalize, 0.0
     started = time.perf_counter()
     folder = cache_root(cfg.data.get("cache_dir")) / "features"
+    cap = cap_bytes(cfg.data.get("cache_max_gb", DEFAULT_MAX_GB))
     weights = weights_hash(model)
-    features = {}
+    features, keys = {}, set()
     for split, dataset in data.datasets.items():
         key = feature_key(cfg, model, weights, dataset, normalize, amp_dtype, device)
+        keys.add(folder / key)
         found = load_features(folder, key)
         if not all(gather(found is not None)):  # several processes extract together unless all hold the cache
             found = extract(model, dataset, cfg.data.eval_batch_size, cfg.data.num_workers, normalize, amp_dtype)
@@ -161,7 +166,10 @@ def train_on_features(cfg, model: nn.Module, data, loaders: dict, normalize, amp
                     "forward_head(pre_logits=True) alone")
                 return model, loaders, normalize, 0.0
             if is_main():
-                save_features(folder, key, found)
+                about = {"description": f"{cfg.model.name} features of {split} ({len(found.labels)} images) "
+                                        f"of {cfg.data.root or 'the embedded digits'}",
+                         "model": cfg.model.name, "split": split}
+                save_features(folder, key, found, cap, about, keep=keys)
         features[split] = found
         data.skipped.extend(item for item in found.skipped if item not in data.skipped)
     feature_loaders = {}
@@ -279,13 +287,23 @@ def load_features(folder: Path, key: str) -> Features | None:
         return None
     if index.get("format") != FORMAT or len(values) != len(index["labels"]):
         return None
+    try:
+        held = use(folder, key, folder / f"{key}.npy")
+    except FileNotFoundError:  # `transfer cache clear` removed it just now
+        return None
     return Features(values, np.asarray(index["labels"], dtype=np.int64), np.asarray(index["indices"], dtype=np.int64),
-                    [tuple(item) for item in index["skipped"]], cached=True, seconds=0.0)
+                    [tuple(item) for item in index["skipped"]], cached=True, seconds=0.0, hold=held)
 
 
-def save_features(folder: Path, key: str, features: Features) -> None:
-    """The values, then the index that marks them complete; both renamed into place. A cache that cannot be
-    written is only a slower next run."""
+def save_features(folder: Path, key: str, features: Features, cap: int | None = None,
+                  about: dict | None = None, keep: set[Path] = frozenset()) -> None:
+    """The values, then the index that marks them complete; both renamed into place; then what they were built
+    from, and older entries evicted down to `cap` bytes. A cache that cannot be written is only a slower next
+    run; features larger than the cap are not written at all."""
+    if cap is not None and features.values.nbytes > cap:
+        print(f"linear probe: features of {features.values.nbytes / 1e9:.2f} GB exceed data.cache_max_gb="
+              f"{cap / 1e9:g}; not cached (the next run extracts them again). Raise data.cache_max_gb (null: no cap).")
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(folder / f"{key}.npy", "wb") as stream:
@@ -293,9 +311,15 @@ def save_features(folder: Path, key: str, features: Features) -> None:
         index = {"format": FORMAT, "labels": features.labels.tolist(), "indices": features.indices.tolist(),
                  "skipped": features.skipped, "seconds": features.seconds}
         write_json(folder / f"{key}.json", index, sort_keys=False)
+        about = dict(about or {})
+        write_about(folder, key, about.pop("description", "linear-probe features"), **about)
     except OSError as error:
         print(f"warning: cannot cache features in {folder} ({error.strerror or error}); the next run extracts "
               "them again. Set data.cache_dir to a writable folder.")
+        return
+    note = eviction_note(folder.parent, cap, keep={*keep, folder / key})
+    if note:
+        print(note)
 
 
 def write_note(run_dir: Path, folder: Path, features: dict[str, Features], seconds: float) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from transfer.data.augment import IGNORE_INDEX, build_dense_transform
+from transfer.data.cache_folder import DEFAULT_MAX_GB
 from transfer.data.dataset import split_bad
 from transfer.data.masks import CLASSES_FILE, PairDataset, index_pairs, load_all, mask_path
 from transfer.errors import UserError
@@ -37,6 +38,8 @@ DENSE_UNSUPPORTED = {
     "data.cache": (("ram",), "dense tasks keep decoded images in memory or read them each epoch "
                              "(data.cache=ram or none)"),
     "data.cache_dir": ((), "it holds classification's disk cache and features (data.cache_dir=null)"),
+    "data.cache_max_gb": ((DEFAULT_MAX_GB,), "it caps data.cache_dir, which dense tasks do not write to "
+                                             f"(data.cache_max_gb={DEFAULT_MAX_GB})"),
     "model.drop_rate": ((), "it is a classifier head's dropout and dense heads have none (model.drop_rate=null; "
                             "model.drop_path_rate works)"),
     "mixup.mixup_alpha": ((), "mixup mixes image labels, not masks or boxes (mixup=none)"),
