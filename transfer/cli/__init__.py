@@ -7,6 +7,7 @@ answers at once), and the process's OpenMP wait policy is chosen here, before to
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from transfer.cli.threads import choose_wait_policy
@@ -37,8 +38,21 @@ Also runs as `python -m transfer`. Examples:
   transfer train --config runs/2026-01-01_12-00-00/config.yaml      # rerun a saved run exactly
 """
 
-COMMANDS = ("train", "sweep", "eval", "predict", "augment-preview", "export", "lr-find", "report", "runs",
-            "compare", "cache")
+# command → (module, function): imported only when that command runs (torch and timm take seconds to load)
+HANDLERS = {
+    "train": ("transfer.cli.train", "train_command"),
+    "sweep": ("transfer.cli.sweep", "sweep_command"),
+    "eval": ("transfer.cli.evaluate", "eval_command"),
+    "predict": ("transfer.cli.predict", "predict_command"),
+    "augment-preview": ("transfer.cli.preview", "preview_command"),
+    "export": ("transfer.cli.export", "export_command"),
+    "lr-find": ("transfer.cli.lr_find", "lr_find_command"),
+    "report": ("transfer.cli.report", "report_command"),
+    "runs": ("transfer.cli.runs", "runs_command"),
+    "compare": ("transfer.cli.runs", "compare_command"),
+    "cache": ("transfer.cli.cache", "cache_command"),
+}
+COMMANDS = tuple(HANDLERS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,46 +90,5 @@ def dispatch(command: str, arguments: list[str]) -> int:
         from transfer.cli.multirun import multirun_entry
 
         return multirun_entry(arguments)
-    if command == "train":
-        from transfer.cli.train import train_command
-
-        return train_command(arguments)
-    if command == "sweep":
-        from transfer.cli.sweep import sweep_command
-
-        return sweep_command(arguments)
-    if command == "eval":
-        from transfer.cli.evaluate import eval_command
-
-        return eval_command(arguments)
-    if command == "predict":
-        from transfer.cli.predict import predict_command
-
-        return predict_command(arguments)
-    if command == "export":
-        from transfer.cli.export import export_command
-
-        return export_command(arguments)
-    if command == "report":
-        from transfer.cli.report import report_command
-
-        return report_command(arguments)
-    if command == "runs":
-        from transfer.cli.runs import runs_command
-
-        return runs_command(arguments)
-    if command == "compare":
-        from transfer.cli.runs import compare_command
-
-        return compare_command(arguments)
-    if command == "cache":
-        from transfer.cli.cache import cache_command
-
-        return cache_command(arguments)
-    if command == "lr-find":
-        from transfer.cli.lr_find import lr_find_command
-
-        return lr_find_command(arguments)
-    from transfer.cli.preview import preview_command
-
-    return preview_command(arguments)
+    module, function = HANDLERS[command]
+    return getattr(importlib.import_module(module), function)(arguments)
