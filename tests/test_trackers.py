@@ -242,6 +242,8 @@ def test_logger_group_composes_several_trackers_at_once(run_cli: RunCli) -> None
     assert code == 0 and "logger:\n  tensorboard:\n    log_dir: null\n  mlflow:\n" in out and "run_name: mine" in out
     code, out, _ = run_cli(["train", "--help"])
     assert "logger=[tensorboard,mlflow]" in out
+    code, _, err = run_cli(["train", "logger=[tensorboard,mlfow]"])
+    assert code == 2 and "unknown logger 'mlfow'. Did you mean logger=mlflow?" in err
 
 
 @pytest.mark.ddp
@@ -249,7 +251,7 @@ def test_only_rank_0_logs_under_two_processes(tmp_path: Path) -> None:
     import subprocess
 
     run_dir, data = tmp_path / "run", write_class_folder(tmp_path / "images")
-    done = subprocess.run([sys.executable, "-m", "transfer", "train", *TINY, f"data.root={data}", "trainer.epochs=2",
+    done = subprocess.run([sys.executable, "-m", "transfer", "train", *TINY, f"data.root={data}", "trainer.epochs=1",
                            "trainer.processes=2", f"hydra.run.dir={run_dir}", "logger=[tensorboard,mlflow]"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr

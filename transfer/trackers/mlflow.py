@@ -10,6 +10,8 @@ training down).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
 from pathlib import Path
@@ -39,7 +41,8 @@ class MLflow:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.open(config, run_dir, earlier)
+            with quiet("mlflow"):  # its INFO lines on creating a database's tables
+                return self.open(config, run_dir, earlier)
         except MlflowException as error:
             raise UserError(f"logger.mlflow: {first_line(error)}") from None
 
@@ -123,6 +126,18 @@ def metric_key(name: str) -> str:
     """MLflow takes letters, digits, `_ - . /` and spaces in a metric's name everywhere (a segmentation class's
     `iou/<name>` may hold others)."""
     return re.sub(r"[^\w\-./ ]", "_", name)
+
+
+@contextlib.contextmanager
+def quiet(name: str):
+    """The `name` logger at WARNING for the block; its level is put back after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def first_line(error: BaseException) -> str:
