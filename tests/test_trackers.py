@@ -246,6 +246,21 @@ def test_logger_group_composes_several_trackers_at_once(run_cli: RunCli) -> None
     assert code == 2 and "unknown logger 'mlfow'. Did you mean logger=mlflow?" in err
 
 
+def test_mlflow_is_imported_without_its_web_telemetry() -> None:
+    """`import mlflow` starts usage telemetry (a thread that asks a web server) unless disabled: the tracker imports
+    it disabled, and leaves the process environment as it was. A fresh process, outside pytest and CI (which
+    MLflow already leaves alone)."""
+    import subprocess
+
+    script = ("import os; from transfer.trackers import build_trackers; build_trackers({'mlflow': {}}); "
+              "from mlflow.telemetry import get_telemetry_client; from mlflow.telemetry.utils import "
+              "is_telemetry_disabled; print(get_telemetry_client(), os.environ.get('MLFLOW_DISABLE_TELEMETRY'), "
+              "is_telemetry_disabled())")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_CURRENT_TEST", "CI")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.split() == ["None", "None", "False"], done.stderr  # off, put back, and it would have been on
+
+
 @pytest.mark.ddp
 def test_only_rank_0_logs_under_two_processes(tmp_path: Path) -> None:
     import subprocess

@@ -9,9 +9,12 @@ missing one is a UserError before any training.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable, Protocol
 
 from transfer.errors import UserError
@@ -78,3 +81,18 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 def label(path: Path, run_dir: Path) -> str:
     """A file's name in a tool: its place in the run directory without the suffix (reports/val_confusion)."""
     return path.relative_to(run_dir).with_suffix("").as_posix()
+
+
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """These environment variables for the block only; what was there before is put back."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -1,8 +1,9 @@
 """MLflow: a SQLite tracking store, by default RUN/mlflow.db (`mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`).
 
 MLflow 3 refuses its old folder store unless MLFLOW_ALLOW_FILE_STORE=true, so a plain path is refused here with
-the sqlite URI to use instead. Everything goes through an `MlflowClient`: no active run, no environment variable,
-nothing global changes in the caller's process. The run id is remembered in the run directory, so a resumed
+the sqlite URI to use instead. Everything goes through an `MlflowClient`: no active run, nothing global changes in
+the caller's process. `import mlflow` would start usage telemetry that asks a web server: it is imported here
+with MLFLOW_DISABLE_TELEMETRY set for that moment only (a process that imported mlflow itself keeps its choice). The run id is remembered in the run directory, so a resumed
 run continues the same MLflow run. The config becomes params (dotted keys) plus config.yaml as an artifact.
 Per-batch values are kept and written in one batch per epoch (a SQLite write per training step would slow
 training down).
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from transfer.errors import UserError
-from transfer.trackers.base import check_options, flatten, require_package
+from transfer.trackers.base import check_options, environment, flatten, require_package
 
 OPTIONS = {"tracking_uri", "experiment_name", "run_name", "artifact_location"}
 ARTIFACTS = {".png", ".html", ".csv", ".json", ".yaml"}
@@ -29,7 +30,8 @@ class MLflow:
     name = "mlflow"
 
     def __init__(self, options: dict) -> None:
-        require_package("mlflow", "mlflow")
+        with environment(MLFLOW_DISABLE_TELEMETRY="true"):  # read once, as `import mlflow` sets up its client
+            require_package("mlflow", "mlflow")
         self.options = check_options(options, OPTIONS, self.name)
         uri = self.options.get("tracking_uri")
         if uri and ("://" not in str(uri) or str(uri).startswith("file:")):

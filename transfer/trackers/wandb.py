@@ -9,12 +9,10 @@ step counter, so metrics.csv's rows are plotted against an `epoch` key and the p
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import os
 from pathlib import Path
 
-from transfer.trackers.base import FINISHED, check_options, label, require_package
+from transfer.trackers.base import FINISHED, check_options, environment, label, require_package
 
 SET_HERE = {"config", "id", "resume", "settings", "resume_from", "fork_from", "reinit"}
 
@@ -72,18 +70,3 @@ class WandB:
             self.run.define_metric(key, step_metric=axis)
             self.axes.add(key)
         self.run.log({**values, axis: step})
-
-
-@contextlib.contextmanager
-def environment(**variables: str):
-    """These environment variables for the block only; what was there before is put back."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
