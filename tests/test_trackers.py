@@ -184,11 +184,14 @@ def saved_config(run_dir: Path) -> dict:
 
 
 def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs(runs: Path, images: Path) -> None:
+    """...and a tracker added on resume (TensorBoard here) gets the epochs done before it joined."""
     first = train(runs / "resumed", f"data.root={images}", "trainer.epochs=1", "logger=[mlflow,wandb]")
     client, before = mlflow_run(first)
     wandb_id = json.loads((first / "trackers.json").read_text())["wandb"]["id"]
-    train(first, f"data.root={images}", f"trainer.epochs={EPOCHS}", "logger=[mlflow,wandb]",
+    train(first, f"data.root={images}", f"trainer.epochs={EPOCHS}", "logger=[mlflow,wandb,tensorboard]",
           f"trainer.resume={first / 'last.pt'}")
+    scalars, _ = tensorboard_scalars(first / "tensorboard")
+    assert all(scalars[column] == values for column, values in csv_columns(first).items())
     client, after = mlflow_run(first)
     assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
     assert len(client.search_runs([after.info.experiment_id])) == 1

@@ -102,7 +102,7 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
         remove_temporaries(run_dir)  # left by a run killed while saving; we hold the run directory's lock
     run = dataclasses.replace(setup, model=model, loaders=loaders, runtime=runtime)
     try:
-        with trackers.started(meta["config"], run_dir):  # rank 0's; closed (flushed) however the run ends
+        with trackers.started(meta["config"], run_dir, state["history"]):  # rank 0's; closed however the run ends
             best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe, trackers)
             metrics = finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None,
                              hooks.final_splits)

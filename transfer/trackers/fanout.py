@@ -47,12 +47,13 @@ class Trackers:
         return bool(self.members)
 
     @contextlib.contextmanager
-    def started(self, config: dict, run_dir: Path) -> Iterator[Trackers]:
-        """Open every tracker (a resumed run's continue their tool runs) and close them as the block ends."""
+    def started(self, config: dict, run_dir: Path, history: list[dict] = ()) -> Iterator[Trackers]:
+        """Open every tracker (a resumed run's continue their tool runs) and close them as the block ends. A tracker
+        that joins a resumed run first gets the epochs done before (`history`: metrics.csv's rows)."""
         status = FAILED
         try:
             if self.members:
-                self.start(config, run_dir)
+                self.start(config, run_dir, history)
             yield self
             status = FINISHED
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the engine's Interrupted is one
@@ -61,13 +62,16 @@ class Trackers:
         finally:
             self.finish(status)
 
-    def start(self, config: dict, run_dir: Path) -> None:
+    def start(self, config: dict, run_dir: Path, history: list[dict]) -> None:
         path = run_dir / MEMORY
         memory = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         for tracker in self.members:
-            memory[tracker.name] = tracker.start(config, run_dir, memory.get(tracker.name))
+            earlier = memory.get(tracker.name)
+            memory[tracker.name] = tracker.start(config, run_dir, earlier)
             write_json(path, memory)  # at once: a tool run that was opened is found again on resume
-            self.owned += tracker.folders
+            self.owned += [Path(folder).resolve() for folder in tracker.folders]
+            for row in history if earlier is None else ():
+                tracker.log_epoch(*epoch_row(row))
 
     def log_step(self, metrics: dict[str, float], batch: int) -> None:
         for tracker in self.members:
@@ -75,19 +79,22 @@ class Trackers:
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of metrics.csv, against its epoch."""
-        metrics = {key: value for key, value in row.items() if key != "epoch"}
         for tracker in self.members:
-            tracker.log_epoch(metrics, int(row["epoch"]))
+            tracker.log_epoch(*epoch_row(row))
 
     def log_final(self, metrics: dict[str, float], epoch: int, run_dir: Path) -> None:
         """metrics.json, and the files the run drew and recorded (not the trackers' own)."""
         if not self.members:
             return
         files = [path for path in sorted(run_dir.rglob("*")) if path.suffix in FILES and path.name != MEMORY
-                 and not path.name.startswith(".") and not any(path.is_relative_to(folder) for folder in self.owned)]
+                 and not path.name.startswith(".") and not self.owns(path)]
         for tracker in self.members:
             tracker.log_final(metrics, epoch)
             tracker.log_files(files, run_dir)
+
+    def owns(self, path: Path) -> bool:
+        """Whether `path` lies in a folder a tracker writes (W&B's copies of the pictures, say)."""
+        return any(path.resolve().is_relative_to(folder) for folder in self.owned)
 
     def finish(self, status: str) -> None:
         """Close every tracker; one that fails to is reported, and neither hides the run's own outcome nor keeps
@@ -97,3 +104,8 @@ class Trackers:
                 tracker.finish(status)
             except Exception as error:  # noqa: BLE001 - the run's result or error matters more than a tracker's
                 print(f"warning: the {tracker.name} tracker did not close cleanly: {error}", file=sys.stderr)
+
+
+def epoch_row(row: dict) -> tuple[dict[str, float], int]:
+    """A metrics.csv row as (its metrics, its epoch)."""
+    return {key: value for key, value in row.items() if key != "epoch"}, int(row["epoch"])
