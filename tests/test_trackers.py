@@ -168,10 +168,13 @@ def test_wandb_offline_run_holds_metrics_csv_json_config_and_pictures(run: Path)
     config = next(r.run.config for r in records if r.WhichOneof("record_type") == "run")
     logged_config = {item.key: json.loads(item.value_json) for item in config.update}
     assert {key: value for key, value in logged_config.items() if key != "_wandb"} == saved_config(run)
-    pictures = {key.removeprefix("images/").removesuffix("/path") for entry in logged for key in entry
-                if key.startswith("images/") and key.endswith("/path")}
-    assert pictures == png_labels(run)
+    assert wandb_pictures(logged) == png_labels(run)
     assert not any((run / "wandb").rglob("*.png.*"))  # nothing left half-written
+
+
+def wandb_pictures(logged: list[dict]) -> set[str]:
+    return {key.removeprefix("images/").removesuffix("/path") for entry in logged for key in entry
+            if key.startswith("images/") and key.endswith("/path")}
 
 
 def saved_config(run_dir: Path) -> dict:
@@ -199,8 +202,12 @@ def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs(runs: Path, imag
     assert after.data.params["trainer.resume"] == "None"  # the first part's: MLflow keeps a param's first value
     assert json.loads((first / "trackers.json").read_text())["wandb"]["id"] == wandb_id
     assert len(list((first / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2  # one folder per part, one run id
-    epochs = [entry["epoch"] for entry in wandb_history(wandb_records(first, wandb_id)) if "train/loss" in entry]
-    assert epochs == [1, 2]
+    logged = wandb_history(wandb_records(first, wandb_id))
+    assert [entry["epoch"] for entry in logged if "train/loss" in entry] == [1, 2]
+    assert wandb_pictures(logged) == png_labels(first)  # not the copies MLflow and W&B keep of the first part's
+    assert {f.path for f in client.list_artifacts(after.info.run_id)} == {
+        p.name for p in first.iterdir() if p.suffix in (".png", ".csv", ".json", ".yaml") and p.name != "trackers.json"
+    } | {"reports"}
 
 
 def test_an_interrupted_run_is_flushed_and_marked_killed(tmp_path: Path) -> None:

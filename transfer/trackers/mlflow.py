@@ -3,10 +3,10 @@
 MLflow 3 refuses its old folder store unless MLFLOW_ALLOW_FILE_STORE=true, so a plain path is refused here with
 the sqlite URI to use instead. Everything goes through an `MlflowClient`: no active run, nothing global changes in
 the caller's process. `import mlflow` would start usage telemetry that asks a web server: it is imported here
-with MLFLOW_DISABLE_TELEMETRY set for that moment only (a process that imported mlflow itself keeps its choice). The run id is remembered in the run directory, so a resumed
-run continues the same MLflow run. The config becomes params (dotted keys) plus config.yaml as an artifact.
-Per-batch values are kept and written in one batch per epoch (a SQLite write per training step would slow
-training down).
+with MLFLOW_DISABLE_TELEMETRY set for that moment only (a process that imported mlflow itself keeps its choice).
+The run id is remembered in the run directory, so a resumed run continues the same MLflow run. The config
+becomes params (dotted keys) plus config.yaml as an artifact. Per-batch values are kept and written in one batch
+per epoch (a SQLite write per training step would slow training down).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class MLflow:
 
         own = not self.options.get("tracking_uri")
         uri = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}" if own else str(self.options["tracking_uri"])
+        if own and self.options.get("artifact_location") is None:
+            self.folders = [run_dir / "mlflow-artifacts"]  # the experiment's files, made by the first part of the run
         self.client = MlflowClient(tracking_uri=uri)
         if earlier and earlier.get("tracking_uri") == uri:
             self.run_id = earlier["run_id"]
@@ -70,7 +72,6 @@ class MLflow:
             return found.experiment_id
         location = self.options.get("artifact_location")
         if location is None and own:
-            self.folders = [run_dir / "mlflow-artifacts"]
             location = self.folders[0].resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
