@@ -221,6 +221,25 @@ def test_an_interrupted_run_is_flushed_and_marked_killed(tmp_path: Path) -> None
     assert tensorboard_scalars(tmp_path / "tensorboard")[0]["step/train_loss"] == [(1, 0.5)]
 
 
+def test_an_html_report_and_nested_pictures_reach_each_tool_that_shows_them(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "report.html").write_text("<html><body><h1>run report</h1></body></html>")
+    (tmp_path / "overlays").mkdir()
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(tmp_path / "overlays" / "0001.png")
+    trackers = build_trackers({"tensorboard": {}, "mlflow": {}, "wandb": {}})
+    with trackers.started({"seed": 0}, tmp_path):
+        trackers.log_final({"test/top1": 0.5}, 1, tmp_path)
+    client, logged = mlflow_run(tmp_path)
+    assert {f.path for f in client.list_artifacts(logged.info.run_id)} >= {"report.html", "overlays"}
+    assert client.list_artifacts(logged.info.run_id, "overlays")[0].path == "overlays/0001.png"
+    _, events = tensorboard_scalars(tmp_path / "tensorboard")
+    assert [(e.width, e.height) for e in events.Images("images/overlays/0001")] == [(8, 6)]
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]["id"]
+    entry = next(e for e in wandb_history(wandb_records(tmp_path, run_id)) if "report/_type" in e)
+    assert entry["report/_type"] == "html-file" and "images/overlays/0001/path" in entry
+
+
 @pytest.mark.parametrize("tool, modules", [("tensorboard", ["tensorboard", "torch.utils.tensorboard"]),
                                            ("mlflow", ["mlflow"]), ("wandb", ["wandb"])])
 def test_a_missing_package_is_one_line_before_training(tool, modules, run_cli: RunCli, tiny_image_folder: Path,

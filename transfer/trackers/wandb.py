@@ -33,7 +33,8 @@ class WandB:
         options.setdefault("dir", str(run_dir))
         options.setdefault("name", run_dir.name)
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
-                                  disable_git=True, save_code=False, disable_job_creation=True)
+                                  disable_git=True, save_code=False, disable_job_creation=True,
+                                  x_save_requirements=False)  # pip's list: a scan of site-packages, not the run's
         resumed = {"id": earlier["id"], "resume": "allow"} if earlier else {}
         with environment(WANDB_ERROR_REPORTING="false"):
             self.run = wandb.init(config=config, settings=settings, **resumed, **options)
