@@ -76,7 +76,7 @@ def compose(overrides: list[str] | None = None, with_hydra: bool = False,
 
 def explain_override_error(message: str, overrides: list[str]) -> str:
     """Turn Hydra's message into one that names the valid choices."""
-    missing_group = re.search(r"Could not find '([\w/]+)/([^']+)'", message)
+    missing_group = re.search(r"Could not (?:find|load) '([\w/]+)/([^']+)'", message)  # load: in a list
     if missing_group:
         group, name = missing_group.groups()
         return _unknown_choice(group, name)

@@ -41,7 +41,8 @@ def command_help(command: str, usage: str) -> str:
               "  transfer train task=detection data.root=/my/coco        # annotations.json + images/ (COCO)",
               "  transfer train trainer.monitor=val/loss trainer.early_stop_patience=3",
               "  transfer train -m seed=0,1,2 optim.lr=1e-3,3e-3   # every combination, mean ± std over seeds",
-              "  transfer train trainer.processes=2        # data-parallel: torchrun's launcher with 2 processes"]
+              "  transfer train trainer.processes=2        # data-parallel: torchrun's launcher with 2 processes",
+              "  transfer train logger=[tensorboard,mlflow]  # trackers, offline, files in the run directory"]
     return "\n".join(lines)
 
 

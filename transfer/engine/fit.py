@@ -31,6 +31,7 @@ from transfer.files import write_json
 from transfer.metrics.plots import plot_curves
 from transfer.models.backbone import count_parameters
 from transfer.tasks.base import Evaluation
+from transfer.trackers import Trackers, build_trackers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,9 @@ def train(cfg: DictConfig, run_dir: Path, hooks: Hooks = Hooks()) -> dict[str, f
 
 
 def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
-    setup, error = None, None
+    setup, trackers, error = None, None, None
     try:
+        trackers = build_trackers(cfg.get("logger"), active=is_main())  # a missing package: before any work
         setup = build_setup(cfg)
     except UserError as raised:  # several processes: each stops, rank 0 says why once
         error = raised
@@ -102,9 +104,12 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
         remove_temporaries(run_dir)  # left by a run killed while saving; we hold the run directory's lock
     run = dataclasses.replace(setup, model=model, loaders=loaders, runtime=runtime)
     try:
-        best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe)
-        return finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None,
-                      hooks.final_splits)
+        with trackers.started(meta["config"], run_dir, state["history"]):  # rank 0's; closed however the run ends
+            best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe, trackers)
+            metrics = finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None,
+                             hooks.final_splits)
+            trackers.log_final(metrics, state["epoch"], run_dir)
+            return metrics
     except NonFiniteError as error:
         if not is_main():  # every rank met the same agreed step: rank 0 says it
             raise ReportedElsewhere("") from None
@@ -116,11 +121,11 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
 
 
 def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, meta: dict, state: dict,
-               run_dir: Path, skipped: SkippedFiles, observe: Callable[[dict], None] | None = None
-               ) -> Evaluation | None:
+               run_dir: Path, skipped: SkippedFiles, observe: Callable[[dict], None] | None = None,
+               trackers: Trackers | None = None) -> Evaluation | None:
     """The epochs from where `state` stands; returns the val evaluation of the best weights when it was the
-    last epoch's (the final report then needs no second pass)."""
-    loop = Loop(run.model, run.task, kit, run.runtime, cfg, skipped)
+    last epoch's (the final report then needs no second pass). Each checkpointed row also goes to `trackers`."""
+    loop = Loop(run.model, run.task, kit, run.runtime, cfg, skipped, trackers.log_step if trackers else None)
     loaders, epochs, best_val = run.loaders, cfg.trainer.epochs, None
     with StopSignal() as stop:
         for epoch in range(state["epoch"], epochs):
@@ -155,6 +160,8 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
             write_epochs(run_dir, state["history"])
             meta.update(kit.checkpoint_entries())
             save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
+            if trackers:  # after the checkpoint: a resumed run never logs an epoch twice
+                trackers.log_epoch(row)
             log(summary(row, epochs, monitor.name, improved))
             if observe is not None:
                 observe(row)

@@ -5,6 +5,7 @@ that leaves the position and the epoch's running sums for an exact resume."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -29,8 +30,9 @@ class Loop:
     """What every step needs, held for the run."""
 
     def __init__(self, model: torch.nn.Module, task: Task, kit: Techniques, runtime: Runtime, cfg: DictConfig,
-                 skipped: SkippedFiles) -> None:
+                 skipped: SkippedFiles, on_step: Callable[[dict[str, float], int], None] | None = None) -> None:
         self.model, self.task, self.kit, self.runtime, self.skipped = model, task, kit, runtime, skipped
+        self.on_step = on_step  # (this process's batch loss and learning rate, batches so far): the trackers
         self.replicated = Replicated(model, runtime.device, find_unused=task.find_unused_parameters)
         self.trainee, self.stop, self.stopping = model, None, False
         self.optimizer, self.scheduler, self.scaler = kit.optimizer, kit.scheduler, kit.scaler
@@ -65,6 +67,9 @@ class Loop:
             if count:
                 self.kit.at(epoch, step, steps)
                 loss, batch_stats = self.step(batch, runtime)
+                if self.on_step is not None:
+                    self.on_step({"step/train_loss": loss, "step/lr": self.optimizer.param_groups[0]["lr"]},
+                                 epoch * steps + step + 1)
                 if batch_stats is None:
                     bad += 1
                     state["bad_steps"] += 1
