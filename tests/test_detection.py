@@ -99,6 +99,20 @@ def write_coco_folder(root: Path, train: int = 16, test: int = 6) -> Path:
     return root
 
 
+def write_easy_split(folder: Path, count: int, seed: int, side: int = 64) -> None:
+    """One big box per image (24-40 px of 64), red and green in turn: a set any detector must learn."""
+    rng = np.random.default_rng(seed)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]}
+    for n in range(count):
+        label, (w, h) = n % 2 + 1, (int(v) for v in rng.integers(24, 40, size=2))
+        box = [int(rng.integers(0, side - w)), int(rng.integers(0, side - h)), w, h]
+        write_scene(folder / "images" / f"{n:03d}.png", [(label, box)], side, seed * 1000 + n)
+        coco["images"].append({"id": n + 1, "file_name": f"{n:03d}.png", "width": side, "height": side})
+        coco["annotations"].append({"id": n + 1, "image_id": n + 1, "category_id": label, "bbox": box,
+                                    "area": w * h, "iscrowd": 0})
+    (folder / "annotations.json").write_text(json.dumps(coco))
+
+
 @pytest.fixture
 def coco_folder(tmp_path: Path) -> Path:
     return write_coco_folder(tmp_path / "scenes")
@@ -185,19 +199,22 @@ def test_dataset_yields_xyxy_boxes_and_collates(coco_folder: Path) -> None:
 # end to end
 
 
-def test_train_and_predict_from_the_cli(coco_folder: Path, run_cli, tmp_path: Path) -> None:
-    images = coco_folder / "train" / "images"
-    Path(images / "003.png").write_bytes(b"broken")  # an unreadable file is skipped and listed, not a crash
+def test_train_and_predict_from_the_cli(tmp_path: Path, run_cli) -> None:
+    """The detection recipe on the tiny model learns an easy set: test mAP@.5 0.76, 0.46, 0.83 (seeds 0-2)
+    where the same run with every update at learning rate 0 scored 0.0; then eval and predict on its checkpoint."""
+    scenes = tmp_path / "scenes"
+    write_easy_split(scenes / "train", 32, seed=0)
+    write_easy_split(scenes / "test", 12, seed=1)
+    Path(scenes / "train" / "images" / "003.png").write_bytes(b"broken")  # an unreadable file: skipped and listed
     run = tmp_path / "run"
-    code, out, err = run_cli(["train", "recipe=fashion_scenes_det_lite0", f"data.root={coco_folder}",
-                              "model.name=test_efficientnet",
-                              "model.pretrained=false", "preprocess.input_size=64", "trainer.epochs=2",
-                              "data.batch_size=4", "data.val_fraction=0.25", "task.overlays=2", "trainer.progress=off",
-                              f"hydra.run.dir={run}"])
+    code, out, err = run_cli(["train", "recipe=fashion_scenes_det_lite0", f"data.root={scenes}",
+                              "model.name=test_efficientnet", "model.pretrained=false", "preprocess.input_size=32",
+                              "trainer.epochs=6", "optim.lr=3e-3", "data.batch_size=8", "task.overlays=2",
+                              "trainer.progress=off", f"hydra.run.dir={run}"])
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/map", "val/map50", "test/map", "test/map50"} <= set(metrics)
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("val/map", "test/map50"))
+    assert metrics["test/map50"] >= 0.3
     assert len(list((run / "overlays").glob("*.png"))) == 2
     with open(run / "skipped_images.csv", newline="") as handle:
         assert any(row["path"].endswith("003.png") for row in csv.DictReader(handle))
@@ -211,14 +228,14 @@ def test_train_and_predict_from_the_cli(coco_folder: Path, run_cli, tmp_path: Pa
     # another code path on the same weights (eval's own loader): equal to float rounding, not bit for bit
     assert {k: v for k, v in again.items() if k.split("/")[1] in ("map", "map50", "map75")} == \
         pytest.approx({key: value for key, value in metrics.items() if key.startswith("test/")}, abs=1e-6)
-    assert again["test/images"] == 6
+    assert again["test/images"] == 12
 
     out_dir = tmp_path / "pred"
-    code, out, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={coco_folder / 'test' / 'images'}",
+    code, out, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={scenes / 'test' / 'images'}",
                               f"out={out_dir}", "batch_size=4"])
     assert code == 0, err
     written = json.loads((out_dir / "boxes.json").read_text())
-    assert [i["file_name"] for i in written["images"]] == [f"{n:03d}" for n in range(6)]
+    assert [i["file_name"] for i in written["images"]] == [f"{n:03d}" for n in range(12)]
     assert [c["name"] for c in written["categories"]] == ["red", "green"]
     for entry in written["annotations"]:
         x, y, w, h = entry["bbox"]

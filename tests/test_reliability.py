@@ -381,24 +381,39 @@ def test_resume_auto_without_a_run_directory_is_a_user_error(run_cli: RunCli, da
     one_line_error(code, err, "trainer.resume=auto", "hydra.run.dir=")
 
 
-# The SIGKILL test, fast: a realistic checkpoint (the test model, AdamW state, RNG states, metadata) saved in a
-# loop by a process forked from a warm parent, killed at random moments, 24 times.
+# The SIGKILL test, fast: a realistic checkpoint (the test model, AdamW and scheduler state, RNG states, metadata)
+# saved in a loop through the engine's own save_progress (last.pt, then best.pt as a hard link to it on every
+# second epoch, the improved ones) by a process forked from a warm parent, killed at random moments, 24 times.
+# The weights say which epoch saved them (the classifier's bias holds the epoch number), so a checkpoint can be
+# compared with what that epoch really saved.
 
 SAVER = r"""
-import os, signal, sys
+import os, signal, sys, time
+from pathlib import Path
 import timm, torch
 torch.set_num_threads(1)
-from transfer.checkpoint import rng_state, save_checkpoint
+from transfer.engine.state import save_progress
 model = timm.create_model("test_efficientnet", num_classes=3)
 optimizer = torch.optim.AdamW(model.parameters())
+scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
 model(torch.randn(2, 3, 32, 32)).sum().backward()
 optimizer.step()
-state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-         "classes": ["a", "b", "c"], "history": [{"epoch": 1, "train/loss": 1.0}], "config": {"seed": 0},
-         "preprocess": {"input_size": [3, 32, 32]}, "step": 0}
-save_checkpoint({**state, "epoch": 0}, sys.argv[1])
+meta = {"classes": ["a", "b", "c"], "config": {"seed": 0}, "preprocess": {"input_size": [3, 32, 32]}}
+
+
+def save(epoch, folder):
+    with torch.no_grad():
+        model.classifier.bias.fill_(epoch)  # the epoch that saved these weights
+    best = epoch - epoch % 2
+    state = {"epoch": epoch, "step": 0, "history": [{"epoch": epoch, "train/loss": 1.0}], "best": float(best),
+             "best_epoch": best or None, "train_seconds": float(epoch)}
+    save_progress(model, optimizer, scheduler, None, state, meta, Path(folder), improved=epoch % 2 == 0)
+
+
+started = time.perf_counter()
+save(0, sys.argv[1])
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the killed children
-print("ready", flush=True)
+print("ready", time.perf_counter() - started, flush=True)
 for line in sys.stdin:
     folder, epoch = line.rstrip("\n").split("\t")
     pid = os.fork()
@@ -407,9 +422,7 @@ for line in sys.stdin:
             epoch = int(epoch)
             while True:  # what training does at each epoch end, as fast as it can
                 epoch += 1
-                save_checkpoint({**state, "epoch": epoch}, os.path.join(folder, "last.pt"))
-                if epoch % 2 == 0:
-                    save_checkpoint({**state, "epoch": epoch}, os.path.join(folder, "best.pt"))
+                save(epoch, folder)
         finally:
             os._exit(1)
     print(pid, flush=True)
@@ -427,36 +440,50 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"process {pid} outlived SIGKILL")
 
 
+def assert_saved_by_its_epoch(state: dict, reference: dict) -> None:
+    """Whole, and the very bytes its epoch saved: the reference's weights with the epoch in the bias."""
+    for key, value in reference["model"].items():
+        expected = torch.full_like(value, state["epoch"]) if key == "classifier.bias" else value
+        assert torch.equal(state["model"][key], expected), (key, state["epoch"])
+    assert state["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    assert state["scheduler"] == reference["scheduler"] and state["train_seconds"] == state["epoch"]
+
+
 def test_kill_9_at_random_moments_never_corrupts_a_checkpoint(tmp_path: Path) -> None:
-    reference_path, run = tmp_path / "reference.pt", tmp_path / "run"
+    reference_path, run = tmp_path / "reference", tmp_path / "run"
     run.mkdir()
     saver = subprocess.Popen([sys.executable, "-c", SAVER, str(reference_path)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, env=child_env())
     try:
-        assert saver.stdout.readline().strip() == "ready"
-        reference = load_checkpoint(reference_path)
-        rng, done, kills_mid_write = random.Random(6), 0, 0
+        ready, seconds = saver.stdout.readline().split()
+        assert ready == "ready"
+        reference = load_checkpoint(reference_path / "last.pt")
+        rng, done, kills_mid_write, linked = random.Random(6), 0, 0, 0
         for _ in range(24):
             remove_temporaries(run)  # what a resumed train() does first
             saver.stdin.write(f"{run}\t{done}\n")
             saver.stdin.flush()
             pid = int(saver.stdout.readline())
-            time.sleep(rng.uniform(0.0, 0.15))
+            time.sleep(rng.uniform(0.0, 3 * float(seconds)))  # within the first three saves, on any disk
             os.kill(pid, signal.SIGKILL)
             wait_gone(pid)
             kills_mid_write += bool(temporaries(run))
             states = {path.name: load_checkpoint(path) for path in (run / "last.pt", run / "best.pt") if path.exists()}
-            for state in states.values():  # whole, and the very bytes that were saved
-                assert all(torch.equal(state["model"][key], reference["model"][key]) for key in reference["model"])
-                assert state["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
-            if "best.pt" in states:
-                assert states["best.pt"]["epoch"] <= states["last.pt"]["epoch"]
+            for state in states.values():
+                assert_saved_by_its_epoch(state, reference)
+            if "best.pt" in states:  # an improved epoch's checkpoint, never one that came after it
+                best, last = states["best.pt"]["epoch"], states["last.pt"]["epoch"]
+                assert best % 2 == 0 and states["best.pt"]["best_epoch"] == best and best <= last
+                if best == last:
+                    assert os.path.samefile(run / "best.pt", run / "last.pt")  # the hard link, not a copy
+                    linked += 1
             found = newest_checkpoint(run)  # what trainer.resume=auto takes
             assert found is None or (found[0].name in ("last.pt", "best.pt") and found[1]["epoch"] >= done)
             done = found[1]["epoch"] if found else 0  # the next process resumes from there
         assert done > 0
         assert kills_mid_write >= 3, "too few kills landed inside a save to show anything"
-        print(f"24 kills, {kills_mid_write} inside a checkpoint save; epoch {done} reached")
+        assert linked >= 1, "no kill left best.pt as the link to last.pt: the link path went untested"
+        print(f"24 kills, {kills_mid_write} inside a checkpoint save, {linked} with best.pt linked; epoch {done}")
     finally:
         saver.kill()
         saver.wait()

@@ -85,6 +85,25 @@ def write_scene_folder(root: Path, count: int) -> Path:
     return root
 
 
+def write_easy_scene(root: Path, name: str, seed: int, side: int = 32) -> None:
+    """A red square half the image's side and a pure blue disc on dark noise: a set any segmenter must learn."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 50, (side, side, 3), dtype=np.uint8)
+    mask = np.zeros((side, side), np.uint8)
+    x, y = rng.integers(0, side // 2, 2)
+    image[y:y + side // 2, x:x + side // 2, 0] = 220
+    mask[y:y + side // 2, x:x + side // 2] = 1
+    yy, xx = np.mgrid[:side, :side]
+    cy, cx = rng.integers(side // 4, 3 * side // 4, 2)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < (side / 5) ** 2
+    image[disc] = (0, 0, 220)
+    mask[disc] = 2
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / "images" / f"{name}.png")
+    Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+
+
 @pytest.fixture
 def scenes(tmp_path: Path) -> Path:
     """tmp_path/scenes: classes.txt and eight image/mask pairs, one pooled folder."""
@@ -161,8 +180,7 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     assert code == 0
     for name in ("config.yaml", "metrics.csv", "metrics.json", "run_info.json", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["val/miou"] <= 1.0 and 0.0 <= metrics["test/pixel_accuracy"] <= 1.0
+    metrics = json.loads((run / "metrics.json").read_text())  # what it learns: the next test
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 and "val/miou" in rows[0]
@@ -213,6 +231,22 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     assert code == 2 and "format=backbone" in err
     code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", "tta=flip"])
     assert code == 2 and "tta= is for classifiers" in err
+
+
+def test_the_segmentation_recipe_learns_an_easy_set(tmp_path: Path, run_cli):
+    """The recipe on the tiny model, 32 easy scenes, 5 epochs: test mIoU 0.54-0.67 and pixel accuracy 0.80-0.84
+    over seeds 0-2, where the same runs with optim.lr=0 scored mIoU 0.04-0.08 and pixel accuracy 0.11-0.21."""
+    data = tmp_path / "easy"
+    for n in range(32):
+        write_easy_scene(data, f"s{n}", seed=n)
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "recipe=fashion_scenes_seg_lite0", f"data.root={data}", *MODEL, "trainer.epochs=5",
+                            "optim.lr=1e-2", "data.batch_size=4", "task.decoder_channels=16", "task.overlays=0",
+                            "data.num_workers=0", "trainer.progress=off", f"hydra.run.dir={run}"])
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/miou"] >= 0.35 and metrics["test/pixel_accuracy"] >= 0.6, metrics
 
 
 def test_trainer_amp_runs_the_training_forward_in_bf16_and_keeps_the_loss_in_float32():

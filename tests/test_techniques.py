@@ -304,8 +304,14 @@ def test_resume_is_exact_with_phases_ema_mixup_and_accumulation(images: Path, ru
 def test_compile_switch_compiles_the_model_in_place(images: Path, runs: Path) -> None:
     """A real torch.compile (Dynamo's graph capture with the eager backend: seconds, not the minutes inductor's
     code generation takes on CPU; tests/test_engine.py runs inductor for every task under -m slow). The
-    checkpoint keeps the model's own keys, and the compiled run learns what the plain one learns."""
+    checkpoint keeps the model's own keys, and the compiled run learns what the plain one learns. Dynamo's own
+    counters show that it captured graphs of the model: the switch did more than print its line."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     run = train(runs / "compiled", f"data.root={images}", "trainer.epochs=1", "trainer.compile=eager")
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["frames"]["ok"] >= 1, dict(counters)
     plain = train(runs / "not-compiled", f"data.root={images}", "trainer.epochs=1")
     assert "_orig_mod" not in "".join(load_checkpoint(run / "best.pt")["model"])
     ours, theirs = rows(run)[0], rows(plain)[0]

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from conftest import CLASSES, RunCli, final, rows
+from conftest import CLASSES, RunCli, final, rows, write_class_folder
 from transfer.checkpoint import load_checkpoint
 from transfer.cli import main
 from transfer.config import config_dir
@@ -251,12 +251,15 @@ def test_without_val_split_best_is_the_last_epoch(probe) -> None:
 # 6. Every recipe runs
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
-def test_recipe_smoke_runs(recipe: Path, tiny_image_folder: Path, run_cli: RunCli, tmp_path: Path) -> None:
-    code, _, err = run_cli(["train", f"recipe={recipe.stem}", *TINY, f"data.root={tiny_image_folder}",
-                            "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"])
+def test_recipe_runs_and_learns(recipe: Path, run_cli: RunCli, tmp_path: Path) -> None:
+    """Each recipe, on the tiny model and an easy set (three colour classes, 30 images each), learns: measured
+    0.94-1.0 test top-1 over seeds 0-2 for every recipe, where chance is 1/3 and optim.lr=0 scored 0-0.6."""
+    images = write_class_folder(tmp_path / "images", per_class=30)
+    code, _, err = run_cli(["train", f"recipe={recipe.stem}", *TINY, f"data.root={images}",
+                            "trainer.epochs=4", f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 0, err
-    assert OmegaConf.load(tmp_path / "run" / "config.yaml").data.root == str(tiny_image_folder)  # beats the recipe's
-    assert 0.0 <= final(tmp_path / "run")["test/top1"] <= 1.0
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").data.root == str(images)  # beats the recipe's
+    assert final(tmp_path / "run")["test/top1"] >= 0.8
 
 
 # 7. The default model with weights from the installed package
