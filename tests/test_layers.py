@@ -32,7 +32,7 @@ PLACES = {
     "exports": "export",
     "engine": "engine",
     "tasks": "tasks",
-    "data": "parts", "models": "parts", "metrics": "parts",
+    "data": "parts", "models": "parts", "metrics": "parts", "trackers": "parts",
     "errors": "ground", "files": "ground", "config": "ground", "checkpoint": "ground", "distributed": "ground",
     "resources": "ground",
 }

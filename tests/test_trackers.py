@@ -99,6 +99,14 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def artifact_files(client, run_id: str, folder: str | None = None) -> set[str]:
+    """Every file the run's artifact store holds, in subfolders too (reports/test_top_losses/001.png)."""
+    found = set()
+    for entry in client.list_artifacts(run_id, folder):
+        found |= artifact_files(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return found
+
+
 def test_mlflow_reads_back_metrics_csv_json_config_and_files(run: Path) -> None:
     from omegaconf import OmegaConf
 
@@ -112,8 +120,9 @@ def test_mlflow_reads_back_metrics_csv_json_config_and_files(run: Path) -> None:
     assert len(history(client, run_id, "step/train_loss")) == 3 * EPOCHS
     config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
     assert logged.data.params == {key: str(value) for key, value in flatten(config).items()}
-    files = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "reports")}
-    assert {f"{name}.png" for name in png_labels(run)} | {"config.yaml", "metrics.csv", "metrics.json"} <= files
+    files = artifact_files(client, run_id)
+    assert {f"{name}.png" for name in png_labels(run)} | {"config.yaml", "metrics.csv", "metrics.json",
+                                                         "report.html"} <= files
     assert len(client.search_runs([logged.info.experiment_id])) == 1
 
 
@@ -206,7 +215,8 @@ def test_a_resumed_run_continues_the_same_mlflow_and_wandb_runs(runs: Path, imag
     assert [entry["epoch"] for entry in logged if "train/loss" in entry] == [1, 2]
     assert wandb_pictures(logged) == png_labels(first)  # not the copies MLflow and W&B keep of the first part's
     assert {f.path for f in client.list_artifacts(after.info.run_id)} == {
-        p.name for p in first.iterdir() if p.suffix in (".png", ".csv", ".json", ".yaml") and p.name != "trackers.json"
+        p.name for p in first.iterdir() if p.suffix in (".png", ".csv", ".json", ".yaml", ".html")
+        and p.name != "trackers.json"
     } | {"reports"}
 
 
