@@ -31,8 +31,8 @@ CANDIDATES = {
     "lr=4e-3": ["optim.lr=4e-3"],
     "64 px": ["preprocess.input_size=64"],
     "augment=default": ["augment=default"],
-    "fashion_mnist_lite0_best (20 epochs, mixup/cutmix, EMA, flip TTA)": ["recipe=fashion_mnist_lite0_best"],
-    "fashion_mnist_lite0_best without TTA": ["recipe=fashion_mnist_lite0_best", "trainer.tta=none"],
+    "fashion_mnist_lite0_best (20 epochs, mixup/cutmix, EMA)": ["recipe=fashion_mnist_lite0_best"],
+    "fashion_mnist_lite0_best with flip TTA": ["recipe=fashion_mnist_lite0_best", "trainer.tta=flip"],
 }
 
 

@@ -5,7 +5,7 @@
 The sweep searches learning rate (log), layer decay, mixup and input size over `fashion_mnist_lite0` with
 200 of the 1,000 training images held out for validation (`data.val_fraction=0.2`): every choice is made on
 them, and only the best trial meets the test split, once. `fashion_mnist_lite0_best` (20 epochs, mixup/cutmix,
-EMA, flip TTA, all 1,000 images) then trains from the same command. Printed: the sweep's wall and trial
+EMA, all 1,000 images) then trains from the same command. Printed: the sweep's wall and trial
 counts, and one results row each. Run it with the cores otherwise idle.
 """
 
