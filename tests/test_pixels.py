@@ -103,7 +103,7 @@ def test_eval_and_predict_agree_file_by_file_whatever_the_cache(trained: Path, p
     assert len(evaluated) == len(predicted) == 16
     for key, row in evaluated.items():
         assert predicted[key]["label_1"] == row["predicted"], key
-        assert abs(float(predicted[key]["prob_1"]) - float(row["probability"])) < 2e-6, key
+        assert abs(float(predicted[key]["prob_1"]) - float(row["probability"])) < 1e-5, key  # other batch sizes
 
 
 def test_timm_export_through_timms_transform_agrees_with_predict(trained: Path, photos: Path, run_cli,
