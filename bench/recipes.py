@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="also run each recipe with model.pretrained=false (same budget) for the same table")
     arguments, extra = parser.parse_known_args()
-    extra = [item for item in extra if item != "--"]
+    # argparse hands overrides after `--` to the recipes list: an item with `=` is an override, not a recipe
+    extra = [item for item in extra + arguments.recipes if "=" in item]
+    arguments.recipes = [item for item in arguments.recipes if "=" not in item]
     for recipe in arguments.recipes:
         root, build, _, _ = benchmark(recipe)
         if build is not None:
