@@ -205,7 +205,7 @@ def test_thresholds_tuned_on_val_are_saved_and_scored_on_test(trained: Path):
     assert 'id="classes-test"' in (trained / "report.html").read_text()
 
 
-def test_eval_gives_the_runs_figures_at_the_saved_thresholds(trained: Path, tmp_path: Path, run_cli):
+def test_eval_gives_the_runs_figures_at_the_saved_thresholds(trained: Path, patches, tmp_path: Path, run_cli):
     from transfer.checkpoint import load_checkpoint, save_checkpoint
 
     code, out, err = run_cli(["eval", f"checkpoint={trained / 'best.pt'}", f"out={tmp_path / 'eval'}"])
@@ -220,6 +220,11 @@ def test_eval_gives_the_runs_figures_at_the_saved_thresholds(trained: Path, tmp_
     assert run_cli(["eval", f"checkpoint={tmp_path / 'never.pt'}", f"out={tmp_path / 'never'}"])[0] == 0
     never = json.loads((tmp_path / "never" / "metrics.json").read_text())
     assert never["test/f1_micro"] == 0.0 and never["test/map_macro"] == again["test/map_macro"]
+    root, listed = patches  # another manifest (the 0/1 column form) is taken as it is: all of its rows
+    other = write_manifest(root / "other.csv", listed[:20], columns=True)
+    code, out, err = run_cli(["eval", f"checkpoint={trained}", f"data.root={other}", f"out={tmp_path / 'other'}"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "other" / "metrics.json").read_text())["all/images"] == 20
 
 
 def test_predict_writes_the_label_set_and_every_class_score(trained: Path, patches, tmp_path: Path, run_cli):
@@ -240,6 +245,34 @@ def test_predict_writes_the_label_set_and_every_class_score(trained: Path, patch
         scores = [float(row[name]) for name in CLASSES]
         assert all(0.0 <= s <= 1.0 for s in scores)
         assert row["labels"].split() == [name for name, s, t in zip(CLASSES, scores, thresholds) if s >= t]
+
+
+def test_the_python_api_gives_the_same_label_sets(trained: Path, tmp_path: Path, run_cli):
+    import transfer
+
+    image = tmp_path / "one.png"
+    Image.fromarray(np.full((32, 32, 3), 30, np.uint8)).save(image)
+    assert run_cli(["predict", f"checkpoint={trained}", f"input={image}", f"out={tmp_path / 'out'}"])[0] == 0
+    row = read_rows(tmp_path / "out" / "predictions.csv")[0]
+    [predicted] = transfer.load(trained).predict([image])
+    assert predicted["labels"] == row["labels"].split()
+    assert predicted["scores"] == pytest.approx({name: float(row[name]) for name in CLASSES}, abs=1e-6)
+
+
+def test_the_final_evaluation_uses_the_best_epochs_thresholds(patches, tmp_path: Path, run_cli):
+    """monitor_mode=min makes an early epoch best: test must be scored at its thresholds, not the last epoch's."""
+    from transfer.checkpoint import load_checkpoint
+
+    root, listed = patches
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "task=multilabel", f"data.root={write_manifest(root / 'best.csv', listed[:48])}",
+                            *TINY, "trainer.epochs=3", "optim.lr=1e-2", "trainer.monitor_mode=min",
+                            "data.val_fraction=0.25", f"hydra.run.dir={run}"])
+    assert code == 0, err
+    best, last = (load_checkpoint(run / name) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] < last["epoch"] and best["thresholds"] != last["thresholds"]
+    rows = read_rows(run / "reports" / "test_per_class.csv")
+    assert [float(row["threshold"]) for row in rows] == pytest.approx(best["thresholds"], abs=1e-6)
 
 
 def test_export_backbone_and_timm_folder(trained: Path, tmp_path: Path, run_cli):

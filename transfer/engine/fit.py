@@ -192,7 +192,7 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
         if is_main():
             best = load_checkpoint(best_path)
             run.model.load_state_dict(final_weights(best))  # the EMA's when they were best
-            run.task.restore(best)  # what the task saved with them (multi-label: thresholds tuned on val)
+            run.task.load_best(best)  # what the task saved with them (multi-label: thresholds tuned on val)
         broadcast_weights(run.model)  # rank 0 wrote best.pt; other machines may not see its folder
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
     tta = cfg.trainer.get("tta") or "none"

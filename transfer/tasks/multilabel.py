@@ -154,6 +154,10 @@ class MultiLabel(Task):
         saved = checkpoint.get("thresholds")
         self.thresholds = np.asarray(saved, dtype=np.float64) if saved is not None else None
 
+    def load_best(self, checkpoint: dict) -> None:
+        """The thresholds tuned with the best weights: test is scored at them (val is tuned again if rescored)."""
+        self.thresholds = np.asarray(checkpoint["thresholds"], dtype=np.float64)
+
     def eval_dataset(self, cfg: DictConfig, preprocess: dict, split: str | None, trained_root: str | None,
                      classes: list[str]) -> tuple[str, Dataset, TaskData]:
         """The run's manifest split exactly as training split it, or another manifest taken as it is (its split
@@ -189,6 +193,12 @@ class MultiLabel(Task):
         with autocast(runtime.device, runtime.amp_dtype):
             logits = model(runtime.normalize(batch))
         return list(logits.float().sigmoid().cpu().numpy())
+
+    def labelled(self, scores: np.ndarray) -> dict:
+        """One image's predicted label set (at the thresholds) and every class's probability, for the Python API."""
+        chosen = decide(scores[None], self.current_thresholds())[0]
+        return {"labels": [name for name, flag in zip(self.classes, chosen) if flag],
+                "scores": {name: float(score) for name, score in zip(self.classes, scores)}}
 
     def write_predictions(self, chunks: Iterable[tuple[list[str], list[np.ndarray]]], out: Path) -> int:
         """OUT/predictions.csv: per image its name, the predicted label set (classes at or above their thresholds,
