@@ -186,8 +186,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_the_recipe_learns_which_colours_an_image_shows(trained: Path):
-    """Test macro mAP 0.88-0.93 over seeds 0-2 where optim.lr=0 scored 0.49-0.56 (chance: the share of positives,
-    about 0.5)."""
+    """Test macro mAP 0.87-0.91 over seeds 0-2, where the same run with optim.lr=0 scored 0.60 (seed 0; chance is
+    about the share of positives, 0.5)."""
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["test/map_macro"] >= 0.75, metrics
     assert {"val/map_macro", "val/map_micro", "val/f1_macro", "val/f1_micro", "val/loss"} <= set(metrics)
@@ -322,10 +322,11 @@ def test_early_stop_and_fixed_thresholds_without_tuning(patches, tmp_path: Path,
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "task=multilabel", f"data.root={write_manifest(root / 'stop.csv', listed[:48])}",
                               *TINY, "trainer.epochs=4", "optim.lr=1e-12", "finetune.bn=freeze_stats",
-                              "trainer.early_stop_patience=1",
-                              "task.tune_thresholds=false", "task.threshold=0.3", f"hydra.run.dir={run}"])
+                              "trainer.early_stop_patience=1", "task.tune_thresholds=false", "task.threshold=0.3",
+                              f"hydra.run.dir={run}"])
     assert code == 0, err
-    assert "early stop" in out + err and len(read_rows(run / "metrics.csv")) == 2  # a plateau: never better than epoch 1
+    # a plateau (a learning rate too small to change a score): no epoch beats the first, patience 1 stops at 2
+    assert "early stop" in out + err and len(read_rows(run / "metrics.csv")) == 2
     assert load_checkpoint(run / "best.pt")["thresholds"] == [0.3] * len(CLASSES)
 
 
