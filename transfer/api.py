@@ -73,8 +73,8 @@ class Model:
 
     def predict(self, images: list, batch_size: int = 64) -> list:
         """Per image: classification {label: probability} sorted best first; multilabel {"labels": [names],
-        "scores": {label: probability}}; segmentation an H×W class-index
-        mask; detection {"boxes" xyxy in the image's pixels, "scores", "labels" (names)}."""
+        "scores": {label: probability}}; segmentation an H×W class-index mask; detection {"boxes" xyxy in the
+        image's pixels, "scores", "labels" (names)}."""
         arrays = [read_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image) for image in images]
         outputs = []
         for start in range(0, len(arrays), batch_size):
