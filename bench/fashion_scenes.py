@@ -22,6 +22,8 @@ Layout written (the one both dense tasks read)::
     OUT/{train,test}/masks/NNNN.png    uint8: class index + 1 per pixel, 0 = background, 255 = ignore
     OUT/{train,test}/annotations.json  COCO boxes (category id = mask value)
     OUT/manifest.json                  parameters and counts; written last, it marks a complete build
+    OUT/multilabel.csv                 path,labels,split: the garments annotated in each scene (task=multilabel),
+                                       derived from annotations.json (write_label_manifest), no image rebuilt
 
 Usage::
 
@@ -187,6 +189,35 @@ def build_scenes(out: Path, train: int = 1000, test: int = 300, train_seed: int 
     return out
 
 
+def scene_labels(split_dir: Path) -> list[tuple[str, list[str]]]:
+    """(image path relative to the scenes folder, sorted names of the garments annotated in it) per scene of a
+    split, from its COCO file: a garment too hidden to get a box is not a label either."""
+    coco = json.loads((split_dir / "annotations.json").read_text())
+    names = {category["id"]: category["name"] for category in coco["categories"]}
+    shown: dict[int, set[str]] = {image["id"]: set() for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        shown[annotation["image_id"]].add(names[annotation["category_id"]])
+    return [(f"{split_dir.name}/images/{image['file_name']}", sorted(shown[image["id"]])) for image in coco["images"]]
+
+
+def write_label_manifest(out: Path) -> Path:
+    """OUT/multilabel.csv for task=multilabel: which garments each train and test scene shows (labels joined by a
+    space, none is possible in principle), from the scenes' annotations; written atomically, images untouched."""
+    path = Path(out) / "multilabel.csv"
+    lines = ["path,labels,split"] + [f"{image},{' '.join(labels)},{split}" for split in ("train", "test")
+                                     for image, labels in scene_labels(Path(out) / split)]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def build_scene_labels(manifest: Path) -> Path:
+    """The scenes folder holding `manifest` (built when missing) and its multi-label manifest."""
+    build_scenes(Path(manifest).parent)
+    return write_label_manifest(Path(manifest).parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to create, e.g. bench/data/fashion_scenes")
@@ -198,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = build_scenes(args.out, args.train, args.test, args.train_seed, args.test_seed)
+        write_label_manifest(out)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

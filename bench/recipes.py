@@ -4,9 +4,11 @@
     python -m bench.recipes fashion_mnist_lite0 --seeds 0 1 2 -- model.pretrained=false
     python -m bench.recipes fashion_mnist_lite0_best --seeds 0 1 2 --random-init   # + the same budget from random init
     python -m bench.recipes fashion_scenes_seg_lite0 fashion_scenes_det_lite0 --random-init
+    python -m bench.recipes fashion_scenes_multilabel_lite0 --random-init
 
 Each recipe runs on its benchmark folder (built here when missing) and reports its headline metric: test
-top-1 for Fashion-MNIST, test mIoU for segmentation and test mAP@.5 for detection of the garment scenes.
+top-1 for Fashion-MNIST, test mIoU for segmentation, test mAP@.5 for detection and test macro mAP for
+which garments each scene shows (multi-label).
 
 `default` is `transfer train` with no recipe (EfficientNet-Lite0 on the embedded digits). Each run
 is a fresh `transfer train` process, so the figures include everything a user waits for; the
@@ -28,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 from bench.fashion_mnist import build_fashion_folder
-from bench.fashion_scenes import build_scenes
+from bench.fashion_scenes import build_scene_labels, build_scenes
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION = REPO / "bench" / "data" / "fashion_mnist_100"
@@ -38,6 +40,8 @@ BENCHMARKS = {
     "fashion_mnist": (FASHION, build_fashion_folder, "test/top1", "Fashion-MNIST 100/class"),
     "fashion_scenes_seg": (SCENES, build_scenes, "test/miou", "Fashion scenes 1,000/300, mIoU"),
     "fashion_scenes_det": (SCENES, build_scenes, "test/map50", "Fashion scenes 1,000/300, mAP@.5"),
+    "fashion_scenes_multilabel": (SCENES / "multilabel.csv", build_scene_labels, "test/map_macro",
+                                  "Fashion scenes 1,000/300, garments shown, macro mAP"),
 }
 DIGITS = (None, None, "test/top1", "digits (embedded)")
 

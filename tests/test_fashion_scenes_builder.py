@@ -80,3 +80,23 @@ def test_coco_file_loads_in_pycocotools(scenes: Path) -> None:
         coco = COCO(str(scenes / "train" / "annotations.json"))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(FASHION_CLASSES)
     assert len(coco.getImgIds()) == TRAIN and len(coco.getAnnIds()) >= TRAIN
+
+
+def test_multilabel_manifest_lists_the_garments_each_scene_shows(scenes: Path) -> None:
+    """multilabel.csv (task=multilabel) says which garments each scene shows: the classes of its mask, the same
+    as its annotated boxes; written from the annotations, the images untouched."""
+    from bench.fashion_scenes import write_label_manifest
+    from transfer.data.labelsets import read_label_manifest
+
+    before = _digest(scenes)
+    manifest = write_label_manifest(scenes)
+    assert {k: v for k, v in _digest(scenes).items() if k != "multilabel.csv"} == \
+        {k: v for k, v in before.items() if k != "multilabel.csv"}
+    data = read_label_manifest(manifest)  # (a garment missing from 12 train scenes is fine here)
+    assert set(data.classes) <= set(FASHION_CLASSES) and data.classes == sorted(data.classes)
+    assert {name: len(records) for name, records in data.splits.items()} == {"train": TRAIN, "test": TEST}
+    for split, records in data.splits.items():
+        for record in records:
+            mask = np.asarray(Image.open(Path(record.source.replace("/images/", "/masks/"))))
+            shown = sorted(FASHION_CLASSES[v - 1] for v in set(np.unique(mask)) - {0, IGNORE})
+            assert [data.classes[i] for i in np.flatnonzero(record.label)] == shown, record.source

@@ -72,14 +72,17 @@ class Model:
         self.task = loaded.task.name
 
     def predict(self, images: list, batch_size: int = 64) -> list:
-        """Per image: classification {label: probability} sorted best first; segmentation an H×W class-index
-        mask; detection {"boxes" xyxy in the image's pixels, "scores", "labels" (names)}."""
+        """Per image: classification {label: probability} sorted best first; multilabel {"labels": [names],
+        "scores": {label: probability}}; segmentation an H×W class-index mask; detection {"boxes" xyxy in the
+        image's pixels, "scores", "labels" (names)}."""
         arrays = [read_rgb(str(image)) if isinstance(image, (str, Path)) else np.asarray(image) for image in images]
         outputs = []
         for start in range(0, len(arrays), batch_size):
             outputs += self.loaded.task.predict(self.module, arrays[start:start + batch_size], self.loaded.runtime)
         if self.task == "classification":
             return [dict(sorted(zip(self.classes, map(float, row)), key=lambda item: -item[1])) for row in outputs]
+        if self.task == "multilabel":  # the classes at or above their tuned thresholds, and every class's probability
+            return [self.loaded.task.labelled(scores) for scores in outputs]
         if self.task == "detection":
             return [{"boxes": out["boxes"].numpy(), "scores": out["scores"].numpy(),
                      "labels": [self.classes[int(label) - 1] for label in out["labels"]]} for out in outputs]

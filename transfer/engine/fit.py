@@ -138,7 +138,7 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
             if result is None:  # stopped between two steps: save the position, not an epoch
                 state["train_seconds"] += time.perf_counter() - started
                 state["partial"]["seconds"] = earlier + time.perf_counter() - started
-                meta.update(kit.checkpoint_entries())  # the EMA weights as of this step
+                meta.update({**run.task.checkpoint_entries(), **kit.checkpoint_entries()})  # as of this step
                 if distributed.active():  # each rank's random streams and BatchNorm statistics, for an exact resume
                     meta["ranks"] = distributed.gather(rank_state(run.model, kit))
                 skipped.share()
@@ -158,7 +158,7 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
                 best_val = evaluation
             state["epoch"], state["step"], state["partial"] = epoch + 1, 0, None
             write_epochs(run_dir, state["history"])
-            meta.update(kit.checkpoint_entries())
+            meta.update({**run.task.checkpoint_entries(), **kit.checkpoint_entries()})  # e.g. thresholds tuned on val
             save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
             if trackers:  # after the checkpoint: a resumed run never logs an epoch twice
                 trackers.log_epoch(row)
@@ -190,7 +190,9 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
     best_path = run_dir / "best.pt"
     if distributed.broadcast(best_path.exists() if is_main() else None):
         if is_main():
-            run.model.load_state_dict(final_weights(load_checkpoint(best_path)))  # the EMA's when they were best
+            best = load_checkpoint(best_path)
+            run.model.load_state_dict(final_weights(best))  # the EMA's when they were best
+            run.task.load_best(best)  # what the task saved with them (multi-label: thresholds tuned on val)
         broadcast_weights(run.model)  # rank 0 wrote best.pt; other machines may not see its folder
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
     tta = cfg.trainer.get("tta") or "none"

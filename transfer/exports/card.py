@@ -75,8 +75,21 @@ def summary(source: Source, fmt: str) -> str:
             "onnx": "an ONNX model (dynamic batch, opset 17)", "torchscript": "a TorchScript program"}[fmt]
     return (f"`{source.name}` ({source.checkpoint.get('weights_source', 'unknown start')}), fine-tuned "
             f"(`{strategy}`) with transfer into a {len(source.classes)}-class image "
-            f"{'classifier' if source.task == 'classification' else source.task + ' model'}; this folder holds its "
-            f"{weights} as {what}.\n")
+            f"{KINDS.get(source.task, source.task + ' model')}; this folder holds its {weights} as {what}.\n"
+            + multilabel_note(source))
+
+
+KINDS = {"classification": "classifier", "multilabel": "multi-label classifier"}
+
+
+def multilabel_note(source: Source) -> str:
+    """How a multi-label model's outputs are read: a sigmoid per class and the thresholds tuned with the weights."""
+    if source.task != "multilabel":
+        return ""
+    pairs = ", ".join(f"`{name}` {value:.3f}" for name, value in zip(source.classes,
+                                                                     source.checkpoint.get("thresholds", [])))
+    return (f"\nIts outputs are one logit per class: apply a sigmoid to each and predict the classes whose "
+            f"probability reaches its threshold (tuned on validation): {pairs or 'none saved; 0.5 each'}.\n")
 
 
 def data_section(source: Source, run: RunFacts) -> str:

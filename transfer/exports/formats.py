@@ -20,7 +20,7 @@ from torch import nn
 from transfer.errors import UserError
 from transfer.exports.card import model_card
 from transfer.exports.publish import staged_folder
-from transfer.exports.source import TOLERANCE, Check, Source
+from transfer.exports.source import CLASSIFIER_TASKS, TOLERANCE, Check, Source
 
 ONNX_OPSET = 17
 PREPROCESS_FILE = "preprocess.json"
@@ -41,7 +41,7 @@ def export(source: Source, fmt: str, out: Path, overwrite: bool = False, command
 
 def write_timm_folder(source: Source, folder: Path) -> Check:
     """timm's own hub layout, so `local-dir:`, `hf-hub:` and timm's tooling all read it."""
-    labels = source.classes if source.task == "classification" else []  # a dense model's backbone has no labels
+    labels = source.classes if source.task in CLASSIFIER_TASKS else []  # a dense model's backbone has no labels
     timm.models.save_for_hf(source.model, str(folder), model_config={"label_names": labels},
                             safe_serialization=True, data_config=timm_data_config(source.preprocess))
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()

@@ -13,6 +13,8 @@ from transfer.models.backbone import model_from_checkpoint
 from transfer.models.features import backbone_as_classifier
 
 FORMATS = ("timm", "backbone", "onnx", "torchscript")
+# tasks whose whole model is a timm classifier (multi-label: logits read through a sigmoid per class)
+CLASSIFIER_TASKS = ("classification", "multilabel")
 TOLERANCE = {"timm": 1e-5, "backbone": 1e-5, "onnx": 1e-4, "torchscript": 1e-4}
 
 
@@ -49,17 +51,17 @@ def load_source(path: Path, weights: str = "auto") -> Source:
         raise UserError(f"{path} has no {' or '.join(missing)} inside: export needs a checkpoint written by "
                         "`transfer train`.")
     state, chosen = choose_weights(checkpoint, weights, path)
-    if checkpoint.get("task", "classification") != "classification":
+    if checkpoint.get("task", "classification") not in CLASSIFIER_TASKS:
         model, untrained = backbone_as_classifier(checkpoint["config"]["model"]["name"], state)
         return Source(path, checkpoint, model, chosen, checkpoint["task"], tuple(untrained))
     model = model_from_checkpoint({**checkpoint, "model": state})
-    return Source(path, checkpoint, model, chosen)
+    return Source(path, checkpoint, model, chosen, checkpoint.get("task", "classification"))
 
 
 def check_dense_formats(source: Source, formats: tuple[str, ...]) -> None:
     """A segmentation or detection checkpoint exports its fine-tuned backbone: format=backbone, or timm (headless)
     when the backbone covers the whole classifier body."""
-    if source.task == "classification":
+    if source.task in CLASSIFIER_TASKS:
         return
     other = [fmt for fmt in formats if fmt not in ("backbone", "timm")]
     if other:

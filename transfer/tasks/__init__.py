@@ -7,10 +7,11 @@ from transfer.config import require
 from transfer.tasks.base import Task
 from transfer.tasks.classification import Classification
 from transfer.tasks.detection import Detection
+from transfer.tasks.multilabel import MultiLabel
 from transfer.tasks.segmentation import Segmentation
 
 TASKS: dict[str, type[Task]] = {"classification": Classification, "segmentation": Segmentation,
-                                "detection": Detection}
+                                "detection": Detection, "multilabel": MultiLabel}
 
 
 def build_task(name: str) -> Task:

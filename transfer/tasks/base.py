@@ -18,6 +18,7 @@ directory). A task brings what differs, through the methods of `Task`:
     report(folder, split, evaluation, dataset)  files a split's evaluation leaves (per-class tables, mistakes)
     draw(model, dataset, folder, runtime, count)   pictures of predictions (overlays), if the task has any
     checkpoint_entries() / restore(ckpt)    what eval, predict and export need besides weights and classes
+    load_best(ckpt)                         best.pt's entries, before the final evaluation of its weights
     eval_dataset(...)                    -> the split `transfer eval` scores
     preview_dataset(...) / picture(sample)   `transfer augment-preview`
     predict(model, images, runtime) / write_predictions(chunks, out)    `transfer predict` and the API
@@ -150,6 +151,10 @@ class Task:
 
     def restore(self, checkpoint: dict) -> None:
         """What predict and export need from a checkpoint besides weights, classes and preprocessing."""
+
+    def load_best(self, checkpoint: dict) -> None:
+        """The entries best.pt holds beside its weights, loaded with them before the final evaluation (a task whose
+        entries change during training, such as multi-label's tuned thresholds; nothing by default)."""
 
     def eval_dataset(self, cfg: DictConfig, preprocess: dict, split: str | None, trained_root: str | None,
                      classes: list[str]) -> tuple[str, Dataset, TaskData]:
