@@ -70,7 +70,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[st
     return {
         "classification": ([f"data.root={root / 'images'}", "preprocess.input_size=32", *MODEL], "c0/broken.png"),
         "segmentation": (["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
-                          "task.decoder_channels=8", "task.overlays=0", *MODEL], "images/broken.png"),
+                          "task.decoder_channels=64", "task.overlays=0", *MODEL], "images/broken.png"),
         "detection": (["task=detection", f"data.root={coco}", "preprocess.input_size=64", "task.overlays=0", *MODEL],
                       "train/images/003.png"),
     }

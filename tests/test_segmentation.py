@@ -155,7 +155,7 @@ def test_linear_probe_trains_the_decoder_only_and_layer_decay_orders_the_backbon
     from transfer.engine.optim import build_optimizer
 
     backbone, source = build_backbone("test_efficientnet", pretrained=False, out_indices=[1, 2, 3, 4])
-    model = SegmentationModel(backbone, num_classes=3, decoder_channels=16)
+    model = SegmentationModel(backbone, num_classes=3, decoder_channels=64)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3, 32, 32)
     plan = apply_strategy(model, {"strategy": "linear_probe", "bn": "train"}, epochs=2)
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -176,7 +176,7 @@ def test_train_predict_export(scenes: Path, tmp_path: Path, run_cli):
     # the benchmark recipe, on this folder and a tiny model: every dense recipe runs somewhere in the tests
     code, out, _ = run_cli(["train", "recipe=fashion_scenes_seg_lite0", f"data.root={scenes}", *MODEL, "trainer.epochs=2",
                             "data.batch_size=4", "data.val_fraction=0.25", "data.test_fraction=0.2",
-                            "task.overlays=2", "task.decoder_channels=16", f"hydra.run.dir={run}"])
+                            "task.overlays=2", "task.decoder_channels=64", f"hydra.run.dir={run}"])
     assert code == 0
     for name in ("config.yaml", "metrics.csv", "metrics.json", "run_info.json", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
@@ -242,7 +242,7 @@ def test_the_segmentation_recipe_learns_an_easy_set(tmp_path: Path, run_cli):
     (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     run = tmp_path / "run"
     code, _, err = run_cli(["train", "recipe=fashion_scenes_seg_lite0", f"data.root={data}", *MODEL, "trainer.epochs=5",
-                            "optim.lr=1e-2", "data.batch_size=4", "task.decoder_channels=16", "task.overlays=0",
+                            "optim.lr=1e-2", "data.batch_size=4", "task.decoder_channels=64", "task.overlays=0",
                             "data.num_workers=0", "trainer.progress=off", f"hydra.run.dir={run}"])
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
@@ -256,8 +256,8 @@ def test_trainer_amp_runs_the_training_forward_in_bf16_and_keeps_the_loss_in_flo
     from transfer.tasks.base import Runtime
     from transfer.tasks.segmentation import Segmentation
 
-    backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[1, 2])
-    model = SegmentationModel(backbone, len(CLASSES), decoder_channels=8)
+    backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[1, 2, 3, 4])
+    model = SegmentationModel(backbone, len(CLASSES), decoder_channels=64)
     task = Segmentation()
     task.ignore_index = 255
     batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
@@ -276,7 +276,7 @@ def test_trainer_amp_runs_the_training_forward_in_bf16_and_keeps_the_loss_in_flo
 def test_segmentation_trains_with_bf16_autocast(scenes: Path, tmp_path: Path, run_cli):
     run = tmp_path / "run"
     code, _, err = run_cli(["train", "task=segmentation", f"data.root={scenes}", *MODEL, "trainer.epochs=1",
-                            "trainer.amp=bf16", "data.batch_size=4", "task.decoder_channels=8", "task.overlays=0",
+                            "trainer.amp=bf16", "data.batch_size=4", "task.decoder_channels=64", "task.overlays=0",
                             "trainer.progress=off", f"hydra.run.dir={run}"])
     assert code == 0, err
     assert 0.0 <= json.loads((run / "metrics.json").read_text())["val/miou"] <= 1.0
