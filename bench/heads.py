@@ -86,7 +86,7 @@ def main() -> None:
     where, today = machine(), date.today().isoformat()
     print(f"budget: {arguments.epochs} epoch(s) per run, seed {arguments.seed}, recipes' other settings"
           f"{' + ' + ' '.join(extra) if extra else ''}; {where}, load {os.getloadavg()[0]:.1f} at start", flush=True)
-    lines = ["| task | head | init | mAP | mAP@.5 | mIoU | train | machine | date |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | head | init | mAP | mAP@.5 | mIoU | train | machine | date |", "|---" * 9 + "|"]
     for head in heads(arguments.detectors, arguments.decoders):
         for init in arguments.inits:
             result = run(head, init, arguments.epochs, arguments.seed, extra, arguments.out)

@@ -455,7 +455,8 @@ def test_every_decoder_evaluates_predicts_and_exports_its_backbone(decoder_run, 
     inputs.mkdir()
     for name in ("s0.png", "s1.png"):
         (inputs / name).write_bytes((data / "images" / name).read_bytes())
-    code, _, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={inputs}", f"out={tmp_path / 'masks'}"])
+    code, _, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={inputs}",
+                            f"out={tmp_path / 'masks'}"])
     assert code == 0, err
     assert np.array(Image.open(tmp_path / "masks" / "s0.png")).shape == (32, 32)
     code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={tmp_path / 'bb'}"])
