@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import default_collate
 
+from transfer.config import require
 from transfer.data.augment import IGNORE_INDEX, build_dense_transform
 from transfer.data.cache_folder import DEFAULT_MAX_GB
 from transfer.data.dataset import split_bad
@@ -25,7 +26,6 @@ from transfer.errors import UserError
 from transfer.files import atomic_path, save_picture, write_text
 from transfer.metrics.segmentation import batch_confusion, segmentation_metrics
 from transfer.models.features import build_backbone
-from transfer.config import require
 from transfer.models.segmentation_loss import build_loss, loss_terms
 from transfer.models.segmenter import DECODER_OPTIONS, DECODERS, SegmentationModel, decoder_levels
 from transfer.tasks.base import Evaluation, Runtime, Task, TaskData, check_options
