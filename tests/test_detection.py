@@ -363,3 +363,111 @@ def test_crowds_are_never_training_targets(tmp_path):
 
     Detection().training_step(model, batch, Runtime(torch.device("cpu"), None, None))
     assert [len(t["boxes"]) for t in seen] == [1, 2, 1]  # 6 boxes, 2 of them crowds
+
+
+# ----------------------------------------------------------------------------------------------
+# every detector (torchvision's FCOS, RetinaNet, Faster R-CNN on the timm backbone)
+
+DETECTOR_NAMES = ["fcos", "retinanet", "faster_rcnn"]
+NEW_DETECTORS = ["retinanet", "faster_rcnn"]  # fcos, the default, runs in the tests above
+
+
+@pytest.mark.parametrize("detector", DETECTOR_NAMES)
+def test_every_detector_builds_on_the_timm_backbone_and_takes_a_finite_step(detector: str) -> None:
+    """backbone + head like every dense model (linear_probe trains exactly the head), finite losses whose
+    gradients reach the backbone, boxes in eval mode."""
+    from transfer.models.detector import build_detector
+    from transfer.models.features import build_backbone
+    from transfer.models.finetune import apply_strategy
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("test_efficientnet", pretrained=False, out_indices=[2, 3, 4])
+    model = build_detector(backbone, "test_efficientnet", 2, (64, 64), [0.5] * 3, [0.5] * 3, detector=detector)
+    assert {k.split(".")[0] for k in model.state_dict()} == {"backbone", "head"}
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    losses = model(torch.rand(2, 3, 64, 64), targets)
+    loss = sum(losses.values())
+    loss.backward()
+    assert torch.isfinite(loss) and len(losses) >= 2
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    (output,) = model.eval()(torch.rand(1, 3, 64, 64))
+    assert set(output) == {"boxes", "scores", "labels"} and output["boxes"].shape[-1] == 4
+    apply_strategy(model.train(), "linear_probe", epochs=2)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_anchor_sizes_follow_the_backbone_strides() -> None:
+    from transfer.models.detector import OCTAVE_SCALES, anchor_sizes
+
+    assert anchor_sizes([8, 16], 4, OCTAVE_SCALES) == ((32, 40, 51), (64, 81, 102))
+    assert anchor_sizes([8, 16, 32, 64], 4, (1.0,)) == ((32,), (64,), (128,), (256,))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["task.detector=retinanet", "task.center_sampling_radius=1.5"], ["center_sampling_radius=1.5", "only fcos"]),
+    (["task.anchor_size=3"], ["task.detector=fcos", "anchor_size=3", "retinanet|faster_rcnn"]),
+    (["task.detector=retinanet", "task.representation_size=128"], ["representation_size=128", "only faster_rcnn"]),
+    (["task.detector=yolo"], ["task.detector=yolo", "fcos, retinanet, faster_rcnn"]),
+])
+def test_keys_of_another_detector_are_refused_in_one_line(coco_folder: Path, run_cli, tmp_path: Path,
+                                                         overrides: list[str], words: list[str]) -> None:
+    code, _, err = run_cli(["train", "task=detection", f"data.root={coco_folder}", "model.name=test_efficientnet",
+                            "model.pretrained=false", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+
+
+@pytest.fixture(scope="module", params=NEW_DETECTORS)
+def detector_run(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """One short CLI run per new detector on the easy set at 64 px (its anchors start at 32 px): RetinaNet long
+    enough to learn it, Faster R-CNN one epoch. (detector, data, run)."""
+    from transfer.cli import main
+
+    detector, folder = request.param, tmp_path_factory.mktemp(request.param)
+    data = folder / "easy"
+    learn = detector == "retinanet"
+    write_easy_split(data / "train", 32 if learn else 8, seed=0)
+    write_easy_split(data / "test", 12 if learn else 4, seed=1)
+    code = main(["train", "recipe=fashion_scenes_det_lite0", f"data.root={data}", "model.name=test_efficientnet",
+                 "model.pretrained=false", "preprocess.input_size=64", f"task.detector={detector}",
+                 f"trainer.epochs={6 if learn else 1}", "optim.lr=3e-3", "data.batch_size=8", "task.overlays=1",
+                 "data.num_workers=0", "trainer.progress=off", f"hydra.run.dir={folder / 'run'}"])
+    assert code == 0
+    return detector, data, folder / "run"
+
+
+def test_a_non_default_detector_learns_an_easy_set(detector_run) -> None:
+    """RetinaNet at 64 px, 6 epochs: test mAP@.5 0.50 here (seed 0); Faster R-CNN scored 0.49 with the same
+    budget (not run here: 3x the time); the FCOS test's runs at learning rate 0 scored 0.0."""
+    detector, _, run = detector_run
+    if detector != "retinanet":
+        pytest.skip("the learning run is retinanet's")
+    assert json.loads((run / "metrics.json").read_text())["test/map50"] >= 0.3
+
+
+def test_every_detector_evaluates_predicts_and_exports_its_backbone(detector_run, tmp_path: Path, run_cli) -> None:
+    from safetensors.torch import load_file
+
+    from transfer.checkpoint import load_checkpoint
+
+    detector, data, run = detector_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/map", "val/map50", "test/map", "test/map50"} <= set(metrics)
+    assert len(list((run / "overlays").glob("*.png"))) == 1
+    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={tmp_path / 'eval'}"])
+    assert code == 0, err
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["test/map50"] == pytest.approx(metrics["test/map50"], abs=1e-6)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "000.png").write_bytes((data / "test" / "images" / "000.png").read_bytes())
+    code, _, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={inputs}", f"out={tmp_path / 'pred'}"])
+    assert code == 0, err
+    assert [i["file_name"] for i in json.loads((tmp_path / "pred" / "boxes.json").read_text())["images"]] == ["000"]
+    code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={tmp_path / 'bb'}"])
+    assert code == 0, err
+    exported = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
+    trained = {k.removeprefix("backbone."): v for k, v in load_checkpoint(run / "best.pt")["model"].items()
+               if k.startswith("backbone.")}
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

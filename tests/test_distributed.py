@@ -112,7 +112,7 @@ def engine_folders(tmp_path_factory) -> dict[str, list[str]]:
     return {
         "classification": ["trainer.epochs=1", "data.batch_size=32", "trainer.progress=plain"],  # digits, Lite0
         "segmentation": ["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
-                         "task.decoder_channels=8", "task.overlays=0", "trainer.epochs=2", *TINY],
+                         "task.decoder_channels=64", "task.overlays=0", "trainer.epochs=2", *TINY],
         "detection": ["task=detection", f"data.root={coco}", "preprocess.input_size=64", "task.overlays=0",
                       "trainer.epochs=2", *TINY],
     }

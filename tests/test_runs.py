@@ -41,7 +41,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
             "cls-b": [*CLASSIFY, f"data.root={images}", "optim.lr=0.003", "augment=none"],
             "probe": [*CLASSIFY, f"data.root={images}", "finetune=linear_probe", "augment=none", "optim.lr=0.05"],
             "seg": [*DENSE, "task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
-                    "task.decoder_channels=8"],
+                    "task.decoder_channels=64"],
             "det": [*DENSE, "task=detection", f"data.root={coco}", "preprocess.input_size=64",
                     "data.val_fraction=0.25"]}
     printed = {}

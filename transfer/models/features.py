@@ -19,11 +19,14 @@ from transfer.models.backbone import build_model, check_model_name
 
 
 def build_backbone(name: str, pretrained: bool = True, weights: str = "auto", out_indices: list[int] | None = None,
-                   drop_path_rate: float | None = None) -> tuple[nn.Module, str]:
-    """(timm features_only model with `feature_info`, a description of where its weights came from)."""
+                   drop_path_rate: float | None = None, output_stride: int | None = None) -> tuple[nn.Module, str]:
+    """(timm features_only model with `feature_info`, a description of where its weights came from).
+    `output_stride` (16, 8) dilates the last stages instead of striding them (DeepLab's encoders): the same
+    weights, finer deep maps."""
     check_model_name(name)
     kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate is not None else {}
-    features = _create_features(name, out_indices, kwargs)
+    dilation = {"output_stride": output_stride} if output_stride else {}
+    features = _create_features(name, out_indices, {**kwargs, **dilation})
     if not pretrained:
         return features, "random init"
     # num_classes=0: no classifier weights to carry (the features model has none)

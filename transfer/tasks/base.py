@@ -81,6 +81,16 @@ class Runtime:
     tta: str = "none"
 
 
+def check_options(cfg: DictConfig, choice: str, options: dict[str, tuple[str, ...]]) -> None:
+    """Refuse, in one line, the keys set (not null) that only other values of the key `choice` read: e.g.
+    task.center_sampling_radius (FCOS's) under task.detector=retinanet would otherwise be silently ignored."""
+    chosen = OmegaConf.select(cfg, choice)
+    refused = [f"{key}={value} (only {'|'.join(readers)})" for key, readers in options.items()
+               if chosen not in readers and (value := OmegaConf.select(cfg, key, default=None)) is not None]
+    if refused:
+        raise UserError(f"{choice}={chosen} does not use {'; '.join(refused)}: set it to null or pick that {choice}.")
+
+
 class Task:
     """Defaults shared by the tasks; see the module docstring for the protocol."""
 

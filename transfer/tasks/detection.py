@@ -1,5 +1,6 @@
-"""Object detection: COCO boxes (data/coco.py), torchvision's FCOS around a timm backbone
-(models/detector.py), FCOS's own losses, COCO mAP by pycocotools (metrics/detection.py)."""
+"""Object detection: COCO boxes (data/coco.py), torchvision's FCOS, RetinaNet or Faster R-CNN around a timm
+backbone (models/detector.py, task.detector), the detector's own losses, COCO mAP by pycocotools
+(metrics/detection.py)."""
 
 from __future__ import annotations
 
@@ -18,29 +19,35 @@ from transfer.data.augment import build_dense_transform
 from transfer.data.coco import BoxDataset, Categories, collate_boxes, decode_all, read_splits
 from transfer.files import atomic_path, write_text
 from transfer.metrics.detection import coco_metrics, xywh
-from transfer.models.detector import Detector, build_detector
+from transfer.models.detector import DETECTOR_OPTIONS, DETECTORS, Detector, build_detector
 from transfer.models.features import build_backbone
-from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData, check_options
 from transfer.tasks.segmentation import DENSE_UNSUPPORTED
 
-DETECTORS = ("fcos",)
 PREDICTIONS = "boxes.json"
 OVERLAY_SCORE = 0.5  # overlays show confident boxes only; mAP uses task.score_thresh
 
 
 class Detection(Task):
     name = "detection"
-    # FCOS computes its box losses inside the forward pass; under bf16 autocast its weights turned NaN within an
-    # epoch on the test folder, so detection trains in float32 (trainer.amp=auto means float32 here)
+    # the detectors compute their box losses inside the forward pass; under bf16 autocast FCOS's weights turned NaN
+    # within an epoch on the test folder, so detection trains in float32 (trainer.amp=auto means float32 here)
     mixed_precision = False
     unsupported = {**DENSE_UNSUPPORTED,
-                   "trainer.label_smoothing": ((), "FCOS's focal loss has no label smoothing (trainer.label_smoothing=null)"),
+                   "trainer.label_smoothing": ((), "the detectors' losses have no label smoothing "
+                                                   "(trainer.label_smoothing=null)"),
                    "trainer.amp": (("off",), "FCOS turned NaN under autocast, so detection trains in float32 "
                                              "(trainer.amp=auto)")}
 
     def __init__(self) -> None:
         self.categories: Categories | None = None
         self.preprocess_used: dict | None = None
+
+    def check_config(self, cfg: DictConfig) -> None:
+        """Also refuse the keys only another detector reads (e.g. task.center_sampling_radius, FCOS's)."""
+        super().check_config(cfg)
+        require(cfg.task.detector, tuple(DETECTORS), "task.detector")
+        check_options(cfg, "task.detector", {f"task.{key}": readers for key, readers in DETECTOR_OPTIONS.items()})
 
     @property
     def classes(self) -> list[str]:
@@ -72,24 +79,26 @@ class Detection(Task):
 
     def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[Detector, str]:
         task, model = cfg.task, cfg.model
-        require(task.detector, DETECTORS, "task.detector")
+        detector = require(task.get("detector") or "fcos", tuple(DETECTORS), "task.detector")
         backbone, source = build_backbone(model.name, model.pretrained, str(model.weights),
                                           out_indices=list(task.out_indices), drop_path_rate=model.drop_path_rate)
         height, width = preprocess["input_size"][1:]
+        options = {key: task.get(key) for key, readers in DETECTOR_OPTIONS.items() if detector in readers}
         return build_detector(backbone, model.name, len(classes), (min(height, width), max(height, width)),
-                              preprocess["mean"], preprocess["std"],
+                              preprocess["mean"], preprocess["std"], detector=detector,
                               fpn_channels=task.fpn_channels, head_convs=task.head_convs,
-                              center_sampling_radius=task.center_sampling_radius, score_thresh=task.score_thresh,
-                              nms_thresh=task.nms_thresh, detections_per_img=task.detections_per_img), source
+                              score_thresh=task.score_thresh, nms_thresh=task.nms_thresh,
+                              detections_per_img=task.detections_per_img, **options), source
 
     def compile(self, model: Detector, backend: str) -> None:
-        """The backbone only: FCOS's target assignment and post-processing are Python over lists of boxes."""
+        """The backbone only: the detectors' target assignment and post-processing are Python over lists of boxes."""
         model.backbone.compile(backend=backend)
 
     # ---- training and evaluation
 
     def training_step(self, model: Detector, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
-        """FCOS's classification (focal) + box (GIoU) + centerness losses, summed."""
+        """The detector's own losses, summed: FCOS's focal + GIoU + centerness, RetinaNet's focal + L1, Faster
+        R-CNN's RPN objectness + box and classifier cross-entropy + box."""
         targets = [{"boxes": t["boxes"][~t["iscrowd"]].to(runtime.device),  # crowds: scored as ignore regions only
                     "labels": t["labels"][~t["iscrowd"]].to(runtime.device)} for t in batch["targets"]]
         losses = model(batch["image"].to(runtime.device, non_blocking=True), targets)

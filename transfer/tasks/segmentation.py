@@ -1,5 +1,7 @@
-"""Semantic segmentation: image / mask folder pairs (data/masks.py), an FPN decoder on a timm backbone
-(models/segmenter.py), cross-entropy over labelled pixels, mIoU (metrics/segmentation.py)."""
+"""Semantic segmentation: image / mask folder pairs (data/masks.py), a segmentation_models_pytorch decoder
+(task.decoder: fpn, unet, deeplabv3plus, linknet, upernet) on a timm backbone (models/segmenter.py),
+cross-entropy, Dice or focal loss over labelled pixels (models/segmentation_loss.py), mIoU
+(metrics/segmentation.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import default_collate
 
+from transfer.config import require
 from transfer.data.augment import IGNORE_INDEX, build_dense_transform
 from transfer.data.cache_folder import DEFAULT_MAX_GB
 from transfer.data.dataset import split_bad
@@ -23,8 +26,9 @@ from transfer.errors import UserError
 from transfer.files import atomic_path, save_picture, write_text
 from transfer.metrics.segmentation import batch_confusion, segmentation_metrics
 from transfer.models.features import build_backbone
-from transfer.models.segmenter import SegmentationModel, levels_from_stride
-from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+from transfer.models.segmentation_loss import build_loss, loss_terms
+from transfer.models.segmenter import DECODER_OPTIONS, DECODERS, SegmentationModel, decoder_levels
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData, check_options
 
 OVERLAY_HEIGHT = 256
 # keys of the classification loop that have no meaning for a dense task (shared by detection)
@@ -58,6 +62,17 @@ class Segmentation(Task):
         self.ignore_index = IGNORE_INDEX
         self.label_smoothing = 0.0
         self.preprocess_used: dict | None = None
+        self.criterion = build_loss("ce", IGNORE_INDEX)
+
+    def check_config(self, cfg: DictConfig) -> None:
+        """Also refuse the keys of other decoders and label smoothing without a cross-entropy term."""
+        super().check_config(cfg)
+        require(cfg.task.decoder, tuple(DECODERS), "task.decoder")
+        check_options(cfg, "task.decoder", {f"task.{key}": readers for key, readers in DECODER_OPTIONS.items()})
+        if "ce" not in loss_terms(cfg.task.loss) and cfg.trainer.get("label_smoothing"):
+            raise UserError(f"task.loss={cfg.task.loss} cannot use trainer.label_smoothing="
+                            f"{cfg.trainer.label_smoothing}: only cross-entropy smooths labels (add ce, e.g. "
+                            "task.loss=ce+dice, or set trainer.label_smoothing=0).")
 
     # ---- data and model
 
@@ -65,6 +80,7 @@ class Segmentation(Task):
         """Index the pairs, check them all up front (data.cache=ram), attach the pipelines."""
         self.ignore_index, self.preprocess_used = int(cfg.task.ignore_index), preprocess
         self.label_smoothing = float(cfg.trainer.get("label_smoothing") or 0.0)
+        self.criterion = build_loss(cfg.task.get("loss") or "ce", self.ignore_index, self.label_smoothing)
         classes, splits = index_pairs(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction,
                                       cfg.data.split_seed)
         self.classes = classes
@@ -95,18 +111,22 @@ class Segmentation(Task):
         return {**batch, **bad}
 
     def build_model(self, cfg: DictConfig, classes: list[str], preprocess: dict) -> tuple[nn.Module, str]:
-        out_indices = cfg.task.get("out_indices") or levels_from_stride(cfg.model.name)
+        """The backbone (dilated where the decoder wants it: DeepLab's output stride 16) and the decoder."""
+        task = cfg.task
+        decoder = require(task.get("decoder") or "fpn", tuple(DECODERS), "task.decoder")
+        out_indices = task.get("out_indices") or decoder_levels(cfg.model.name, decoder)
         backbone, source = build_backbone(cfg.model.name, cfg.model.pretrained, str(cfg.model.weights),
-                                          list(out_indices), cfg.model.get("drop_path_rate"))
-        return SegmentationModel(backbone, len(classes), int(cfg.task.decoder_channels)), source
+                                          list(out_indices), cfg.model.get("drop_path_rate"),
+                                          output_stride=DECODERS[decoder][3])
+        options = {key: task.get(key) for key in DECODER_OPTIONS}
+        return SegmentationModel(backbone, len(classes), int(task.decoder_channels), decoder, **options), source
 
     # ---- training and evaluation
 
     def training_step(self, model: nn.Module, batch: dict, runtime: Runtime) -> tuple[torch.Tensor, dict]:
         logits = model(runtime.normalize(batch["image"]))
         masks = batch["mask"].to(runtime.device, non_blocking=True)
-        return F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing), {}
+        return self.criterion(logits.float(), masks), {}
 
     def metric_modes(self, classes: list[str]) -> dict[str, str]:
         return {"miou": "max", "pixel_accuracy": "max", "loss": "min", **{f"iou/{name}": "max" for name in classes}}
@@ -114,7 +134,8 @@ class Segmentation(Task):
     @torch.no_grad()
     def infer(self, model: nn.Module, loader, runtime: Runtime) -> tuple:
         """(confusion matrix, summed loss, labelled pixels, skipped files) of this process's share; float32 (the
-        summed confusion matrix needs no speed-up that costs precision)."""
+        summed confusion matrix needs no speed-up that costs precision). The loss is cross-entropy per labelled
+        pixel whatever task.loss trains: a sum over pixels, so shares add up (a Dice loss over a split does not)."""
         model.eval()
         count = len(self.classes)
         matrix, loss_sum, pixels, skipped = np.zeros((count, count), np.int64), 0.0, 0, []
