@@ -46,7 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> argparse.Namespace:
     """bench.throughput's options for this model and data (its `build` composes `transfer train`'s config)."""
     return argparse.Namespace(root=args.root, model=args.model, augment="default", size=args.size, batch=64,
-                              eval_batch=256, cache=args.cache, workers="auto", device="auto", amp="auto",
+                              eval_batch=None, cache=args.cache, workers="auto", device="auto", amp="auto",
                               no_channels_last=False, compile=False, weights=args.weights)
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=400, help="longer side of the photos in pixels")
     parser.add_argument("--bench", action="store_true", help="then measure end-to-end / compute-only at 224 px")
     parser.add_argument("--cache", default="ram", help="data.cache for --bench: none | ram | disk")
-    parser.add_argument("--steps", type=int, default=12, help="--bench: batches per timed epoch")
+    parser.add_argument("--steps", type=int, default=8, help="--bench: batches per timed epoch")
     parser.add_argument("--rounds", type=int, default=3, help="--bench: interleaved rounds")
     args = parser.parse_args(argv)
     print(build_photo_folder(args.out, args.per_class, args.classes, args.test_per_class, side=args.side), flush=True)
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bench.throughput import main as throughput
 
-    return throughput(["--root", str(args.out), "--size", "224", "--batch", "32", "--eval-batch", "32",
-                       "--cache", args.cache, "--max-steps", str(args.steps), "--rounds", str(args.rounds)])
+    return throughput(["--root", str(args.out), "--size", "224", "--cache", args.cache, "--max-steps",
+                       str(args.steps), "--rounds", str(args.rounds)])  # batch sizes: the config's defaults
 
 
 if __name__ == "__main__":

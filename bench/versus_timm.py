@@ -90,7 +90,7 @@ def compute_floor(epochs: int) -> float:
     """Seconds of the same training steps and evaluation passes on batches already in memory."""
     from bench.throughput import measure, parse
 
-    args, _ = parse(["--size", "64", "--batch", "64", "--eval-batch", "256", "--augment", "flip_crop",
+    args, _ = parse(["--size", "64", "--batch", "64", "--augment", "flip_crop",  # eval batch: the config's, as transfer
                      "--rounds", "1"])
     result = measure(args, [])
     train, evaluation = result["train"], result["eval"]
