@@ -1,6 +1,6 @@
 """Evaluation at its limit: end-to-end against compute-only images/s, for several evaluation batch sizes.
 
-    python -m bench.evaluation                          # Lite0, 64 px, the 2,000 Fashion-MNIST test PNGs, data.cache=ram
+    python -m bench.evaluation                    # Lite0, 64 px, the 2,000 Fashion-MNIST test PNGs, data.cache=ram
     python -m bench.evaluation --batches 32,64,128,256 --size 96 --rounds 5
 
 For each batch size, in one process and interleaved (so load that comes and goes hits every setting alike):

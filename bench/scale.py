@@ -67,7 +67,8 @@ def run_one(root: Path, out: Path, args: argparse.Namespace) -> dict:
     cache = next((line.strip() for line in text.splitlines() if line.startswith("data.cache")), "no cache line")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"wall": wall, "peak_mb": usage.ru_maxrss / 1024, "train": metrics["train_seconds"],
-            "startup": metrics.get("startup_seconds", float("nan")), "setup": float(setup[1]) if setup else float("nan"),
+            "startup": metrics.get("startup_seconds", float("nan")),
+            "setup": float(setup[1]) if setup else float("nan"),
             "cache": cache}
 
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         before = os.getloadavg()[0]
         indexing = indexing_seconds(root)
         result = run_one(root, out / str(images), args)
-        print(f"| {images:,} | {result['train'] / images * 1000:.2f} ms | {result['startup']:.1f} s ({result['setup']:.1f} s; "
+        print(f"| {images:,} | {result['train'] / images * 1000:.2f} ms | {result['startup']:.1f} s "
+              f"({result['setup']:.1f} s; "
               f"{indexing:.2f} s) | {result['wall']:.0f} s | {result['peak_mb']:,.0f} MB | {result['cache']} | "
               f"{before:.1f} -> {os.getloadavg()[0]:.1f} |", flush=True)
     return 0

@@ -55,8 +55,8 @@ def test_startup_counts_from_the_command_not_from_train(tiny_image_folder: Path,
                  "model.pretrained=false", "trainer.epochs=1", "preprocess.input_size=32", "trainer.device=cpu",
                  "trainer.progress=off", f"hydra.run.dir={run}"]
     started = time.time()
-    result = python(f"import time; time.sleep(1.0); from transfer.cli import main; raise SystemExit(main({arguments!r}))",
-                    tmp_path)
+    result = python("import time; time.sleep(1.0); from transfer.cli import main; "
+                    f"raise SystemExit(main({arguments!r}))", tmp_path)
     wall = time.time() - started
     assert result.returncode == 0, result.stderr
     startup = json.loads((run / "metrics.json").read_text())["startup_seconds"]

@@ -51,7 +51,8 @@ def train_command(arguments: list[str]) -> int:
     return 0
 
 
-def train_shared(cfg: DictConfig, make_dir, record: dict, started: float | None = None) -> tuple[Path, dict[str, float]]:
+def train_shared(cfg: DictConfig, make_dir, record: dict,
+                 started: float | None = None) -> tuple[Path, dict[str, float]]:
     """(run directory, metrics) of a training run; with several processes, rank 0 resolves the config and makes
     the run directory (`make_dir`), and every rank trains with those (a timestamped folder or `${now:}` would
     differ between processes). `started`: when the command began (time.time()), for the start-up it reports."""
