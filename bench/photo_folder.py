@@ -47,7 +47,7 @@ def build_photo_folder(out: Path, per_class: int = 256, classes: int = 10, test_
                        seed: int = 0, side: int = 400) -> Path:
     """Make (or reuse) the folder; images are written by a process per core."""
     out = Path(out)
-    marker = out / f".complete-{per_class}-{classes}-{test_per_class}-{seed}" + (f"-{side}" if side != 400 else "")
+    marker = out / (f".complete-{per_class}-{classes}-{test_per_class}-{seed}" + (f"-{side}" if side != 400 else ""))
     if marker.exists():
         return out
     jobs = [(out / split / f"class_{label:02d}" / f"{index:05d}.jpg", (seed, number, label, index), side)
