@@ -1,6 +1,13 @@
 """A folder of photo-sized JPEGs (train/ and test/, class folders) for loader benchmarks at 224 px.
 
     python -m bench.photo_folder --out /tmp/photos --per-class 256 --classes 10
+    python -m bench.photo_folder --out /tmp/photos --bench                 # + end-to-end / compute-only at 224 px
+    python -m bench.photo_folder --out /tmp/big --side 1600 --bench --cache none   # phone-sized, decoded every epoch
+
+With --bench it then runs bench.throughput on the folder with the default model (tf_efficientnet_lite0) at
+224 px: compute-only against end-to-end training and evaluation images/s in one process (the ratio is the
+figure; epochs are cut to --steps batches so a CPU finishes), and the set-up time, which holds the cache's
+decoding of every file (data.cache=ram, a thread per core).
 
 Fashion-MNIST's 28 px PNGs decode in microseconds, which says nothing about feeding a GPU from
 ImageNet-like files. These are 400×300 (some 300×400) JPEGs at quality 90, about ImageNet's median
@@ -20,8 +27,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def photo(rng: np.random.Generator, label: int, portrait: bool) -> Image.Image:
-    width, height = (300, 400) if portrait else (400, 300)
+def photo(rng: np.random.Generator, label: int, portrait: bool, side: int = 400) -> Image.Image:
+    """A `side` × 3/4 `side` picture (portrait: turned), its class in its colour."""
+    width, height = (side * 3 // 4, side) if portrait else (side, side * 3 // 4)
     coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
     coarse[..., label % 3] = 200 + label  # the class shows in the colour
     image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
@@ -36,13 +44,13 @@ def photo(rng: np.random.Generator, label: int, portrait: bool) -> Image.Image:
 
 
 def build_photo_folder(out: Path, per_class: int = 256, classes: int = 10, test_per_class: int = 64,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, side: int = 400) -> Path:
     """Make (or reuse) the folder; images are written by a process per core."""
     out = Path(out)
-    marker = out / f".complete-{per_class}-{classes}-{test_per_class}-{seed}"
+    marker = out / (f".complete-{per_class}-{classes}-{test_per_class}-{seed}" + (f"-{side}" if side != 400 else ""))
     if marker.exists():
         return out
-    jobs = [(out / split / f"class_{label:02d}" / f"{index:05d}.jpg", (seed, number, label, index), label)
+    jobs = [(out / split / f"class_{label:02d}" / f"{index:05d}.jpg", (seed, number, label, index), side)
             for number, (split, count) in enumerate((("train", per_class), ("test", test_per_class)))
             for label in range(classes) for index in range(count)]
     for path, _, _ in jobs:
@@ -54,8 +62,8 @@ def build_photo_folder(out: Path, per_class: int = 256, classes: int = 10, test_
 
 
 def _write(job: tuple[Path, tuple, int]) -> None:
-    path, key, label = job
-    photo(np.random.default_rng(key), label, portrait=key[-1] % 4 == 0).save(path, quality=90)
+    path, key, side = job
+    photo(np.random.default_rng(key), key[2], portrait=key[-1] % 4 == 0, side=side).save(path, quality=90)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=256)
     parser.add_argument("--test-per-class", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--side", type=int, default=400, help="longer side of the photos in pixels")
+    parser.add_argument("--bench", action="store_true", help="then measure end-to-end / compute-only at 224 px")
+    parser.add_argument("--cache", default="ram", help="data.cache for --bench: none | ram | disk")
+    parser.add_argument("--steps", type=int, default=8, help="--bench: batches per timed epoch")
+    parser.add_argument("--rounds", type=int, default=3, help="--bench: interleaved rounds")
     args = parser.parse_args(argv)
-    print(build_photo_folder(args.out, args.per_class, args.classes, args.test_per_class))
-    return 0
+    print(build_photo_folder(args.out, args.per_class, args.classes, args.test_per_class, side=args.side), flush=True)
+    if not args.bench:
+        return 0
+    from bench.throughput import main as throughput
+
+    return throughput(["--root", str(args.out), "--size", "224", "--cache", args.cache, "--max-steps",
+                       str(args.steps), "--rounds", str(args.rounds)])  # batch sizes: the config's defaults
 
 
 if __name__ == "__main__":

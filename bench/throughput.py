@@ -48,7 +48,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--model", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=64, help="input side in pixels")
     parser.add_argument("--batch", type=int, default=64, help="training batch size")
-    parser.add_argument("--eval-batch", type=int, default=256)
+    parser.add_argument("--eval-batch", type=int, default=None, help="data.eval_batch_size (default: the config's)")
     parser.add_argument("--augment", default="default", help="augment preset (conf/augment/NAME.yaml)")
     parser.add_argument("--cache", default="ram", help="data.cache: none | ram | disk")
     parser.add_argument("--workers", default="auto", help="data.num_workers")
@@ -70,11 +70,12 @@ def build(args: argparse.Namespace, extra: list[str]):
 
     overrides = [f"data.root={args.root}", "model=timm", f"model.name={args.model}", f"augment={args.augment}",
                  f"preprocess.input_size={args.size}", f"data.batch_size={args.batch}",
-                 f"data.eval_batch_size={args.eval_batch}", f"data.cache={args.cache}",
+                 f"data.cache={args.cache}",
                  f"data.num_workers={args.workers}", f"trainer.device={args.device}", f"trainer.amp={args.amp}",
                  f"trainer.channels_last={not args.no_channels_last}", f"trainer.compile={args.compile}",
                  "trainer.progress=off", "data.val_fraction=0"]
     overrides += ["model.pretrained=false"] if args.weights == "none" else [f"model.weights={args.weights}"]
+    overrides += [f"data.eval_batch_size={args.eval_batch}"] if args.eval_batch else []
     return without_hydra(compose(overrides + extra))
 
 

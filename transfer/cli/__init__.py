@@ -8,6 +8,7 @@ answers at once), and the process's OpenMP wait policy is chosen here, before to
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from transfer.cli.threads import choose_wait_policy
@@ -56,7 +57,16 @@ COMMANDS = tuple(HANDLERS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The exit code of `transfer ARGV`; output cut short by its reader (`transfer --help | head -1`) ends quietly."""
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # the reader has gone: send what is still buffered nowhere, so the flush at exit cannot raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a program killed by the closed pipe reports
+
+
+def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

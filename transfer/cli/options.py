@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from transfer.checkpoint import load_checkpoint
 from transfer.cli.arguments import reject_unknown, split_options  # noqa: F401  (commands import them from here)
 from transfer.data.images import IMAGE_EXTENSIONS
 from transfer.errors import UserError
 from transfer.files import write_csv
-from transfer.models.inference import pick_device
+
+if TYPE_CHECKING:  # torch is imported where a command needs it: `transfer sweep --help` must not wait seconds for it
+    import torch
 
 
 def positive_int(options: dict[str, str], key: str, default: int, most: int | None = None) -> int:
@@ -52,6 +52,8 @@ def run_checkpoint_file(path: Path) -> Path:
 
 
 def device_argument(options: dict[str, str]) -> torch.device:
+    from transfer.models.inference import pick_device
+
     try:
         return pick_device(options.get("device") or "auto")
     except UserError as error:  # pick_device words its advice for training's config key
@@ -60,6 +62,8 @@ def device_argument(options: dict[str, str]) -> torch.device:
 
 def load_run_checkpoint(path: Path) -> dict:
     """A transfer checkpoint that carries its config and preprocessing (what eval and predict reuse)."""
+    from transfer.checkpoint import load_checkpoint
+
     checkpoint = load_checkpoint(path)
     missing = [key for key in ("config", "preprocess") if key not in checkpoint]
     if missing:

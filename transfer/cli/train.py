@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from transfer import distributed
-from transfer.cli.launch import check_processes
+from transfer.cli.launch import check_processes, process_started
 from transfer.config import compose, groups, without_hydra
 from transfer.engine.rundir import lock_run_dir, make_run_dir
 from transfer.errors import UserError
@@ -46,17 +46,19 @@ def train_command(arguments: list[str]) -> int:
 
         return launch(processes, ["train", *arguments])
     chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
-    train_shared(cfg, lambda: make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume")), record)
+    train_shared(cfg, lambda: make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume")), record,
+                 process_started())
     return 0
 
 
-def train_shared(cfg: DictConfig, make_dir, record: dict) -> tuple[Path, dict[str, float]]:
+def train_shared(cfg: DictConfig, make_dir, record: dict,
+                 started: float | None = None) -> tuple[Path, dict[str, float]]:
     """(run directory, metrics) of a training run; with several processes, rank 0 resolves the config and makes
     the run directory (`make_dir`), and every rank trains with those (a timestamped folder or `${now:}` would
-    differ between processes)."""
+    differ between processes). `started`: when the command began (time.time()), for the start-up it reports."""
     if not distributed.launched():
         run_dir = make_dir()
-        return run_dir, train_in(without_hydra(cfg), run_dir, record)
+        return run_dir, train_in(without_hydra(cfg), run_dir, record, started=started)
     distributed.start()
     try:
         from transfer.engine.parallel import agree
@@ -69,7 +71,7 @@ def train_shared(cfg: DictConfig, make_dir, record: dict) -> tuple[Path, dict[st
                 error = raised
         agree(error)
         run_dir, resolved = distributed.broadcast(made)
-        return Path(run_dir), train_in(OmegaConf.create(resolved), Path(run_dir), record)
+        return Path(run_dir), train_in(OmegaConf.create(resolved), Path(run_dir), record, started=started)
     finally:
         distributed.stop()
 
@@ -107,11 +109,12 @@ def recorded_overrides(run_dir: Path) -> list[str]:
     return [str(item) for item in OmegaConf.load(path).get("overrides", [])]
 
 
-def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None, hooks=None) -> dict[str, float]:
+def train_in(cfg: DictConfig, run_dir: Path, record: dict | None = None, hooks=None,
+             started: float | None = None) -> dict[str, float]:
     """Train into `run_dir` under its lock; a failure before the first checkpoint removes a folder made for it."""
     from transfer.engine.fit import Hooks, train  # torch, timm: seconds to import, so only once the config is valid
 
-    hooks = hooks or Hooks()
+    hooks = hooks or Hooks(started=started)
 
     if not distributed.is_main():  # rank 0 holds and writes the run directory; the others only compute
         return train(cfg, run_dir, hooks)

@@ -22,10 +22,12 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from transfer.data.cache_folder import cache_root, eviction_note, hold, size, use, write_about
 from transfer.data.images import BadImageError, read_rgb
@@ -37,7 +39,8 @@ from transfer.files import atomic_write, write_text
 from transfer.resources import usable_memory
 
 CACHE_KINDS = ("none", "ram", "disk")
-DISK_FORMAT = 2  # 2: evaluation images kept at evaluation's scale (data/resize.py)
+DISK_FORMAT = 3  # 2: evaluation images kept at evaluation's scale (data/resize.py); 3: training JPEGs
+                 # reduced while decoding (images.read_rgb min_side)
 DISK_RESERVE_BYTES = 1 << 30  # a disk cache never leaves less free space than this
 
 
@@ -110,18 +113,38 @@ def fill_cache(records: list[Record], sizes: CacheSizes, budget_bytes: int | Non
 
 
 def _decoded(records: list[Record], sizes: CacheSizes, strict: bool, skipped: list):
-    """(path, shrunk uint8 image) for each distinct readable file; unreadable ones go to `skipped`."""
-    seen = set()
-    for record in records:
-        if isinstance(record.source, np.ndarray) or record.source in seen:
-            continue
-        seen.add(record.source)
-        try:
-            yield record.source, sizes.shrink(record.source, read_rgb(record.source))
-        except BadImageError as error:
-            if strict:
-                raise UserError(f"bad image {error.path}: {error.reason} (data.on_bad_image=error)") from None
-            skipped.append((str(error.path), error.reason))
+    """(path, shrunk uint8 image) for each distinct readable file, in record order; unreadable ones go to
+    `skipped`. Decoded by a few threads (Pillow releases the GIL while it decodes and resizes, so photos decode
+    on every core; tiny PNGs gain little), with a progress bar on a terminal."""
+    sources = list(dict.fromkeys(record.source for record in records if not isinstance(record.source, np.ndarray)))
+    pool = ThreadPoolExecutor(max_workers=decode_threads())
+    try:
+        with tqdm(total=len(sources), desc="decoding images", unit="img", leave=False,
+                  disable=None if is_main() else True) as bar:  # None: a bar on a terminal only
+            for source, image in pool.map(lambda source: _decode_one(source, sizes), sources):
+                bar.update()
+                if isinstance(image, BadImageError):
+                    if strict:
+                        raise UserError(f"bad image {image.path}: {image.reason} (data.on_bad_image=error)") from None
+                    skipped.append((str(image.path), image.reason))
+                else:
+                    yield source, image
+    finally:
+        pool.shutdown(cancel_futures=True)  # a strict error stops the decoding of the files still queued
+
+
+def _decode_one(source: str, sizes: CacheSizes) -> tuple[str, np.ndarray | BadImageError]:
+    """The file shrunk as the cache keeps it (a training JPEG reduced while decoding), or why it could not be."""
+    try:
+        return source, sizes.shrink(source, read_rgb(source, min_side=sizes.decode_side(source)))
+    except BadImageError as error:
+        return source, error
+
+
+def decode_threads() -> int:
+    """Threads that decode the cache: one per core this process may use, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
 
 
 class DiskCache:

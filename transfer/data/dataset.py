@@ -20,8 +20,9 @@ from transfer.data.sources import Record
 class ImageDataset(Dataset):
     def __init__(self, records: list[Record], transform: Callable | None,
                  cache: dict[str, np.ndarray] | None = None, strict: bool = False, seed: int | None = None,
-                 memoize: bool = False) -> None:
+                 memoize: bool = False, decode_side: int | None = None) -> None:
         self.records = records
+        self.decode_side = decode_side  # files read without a cache: a JPEG may decode reduced to this side
         self.seed = seed  # None: a deterministic pipeline (eval) that needs no reseeding
         self.transform = transform
         self.cache = cache if cache is not None else {}
@@ -37,7 +38,7 @@ class ImageDataset(Dataset):
         if isinstance(record.source, np.ndarray):
             return record.source
         cached = self.cache.get(record.source)
-        return cached if cached is not None else read_rgb(record.source)
+        return cached if cached is not None else read_rgb(record.source, min_side=self.decode_side)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | tuple[None, str, str]:
         """`key` is an index, or (epoch, index) from EpochSampler to seed this sample's augmentation."""

@@ -61,8 +61,11 @@ def build_datasets(splits: DataSplits, data_cfg, preprocess: dict, augment_steps
     eval_transform = build_eval_transform(preprocess)
     # with a cache, evaluation splits also keep their transformed images (deterministic) after the first pass
     memoize = cache is not None and _eval_bytes(splits, preprocess) <= memory_budget()[0] // 2
+    # training files read without the cache may decode reduced to the side the random crops need (never eval's)
+    side = train_side(preprocess, augment_steps)
     datasets = {name: ImageDataset(records, train_transform if name == "train" else eval_transform,
-                                   cache=cache, strict=strict, seed=seed if name == "train" else None, memoize=memoize)
+                                   cache=cache, strict=strict, seed=seed if name == "train" else None, memoize=memoize,
+                                   decode_side=side if name == "train" else None)
                 for name, records in splits.splits.items()}
     return Data(splits.classes, datasets, skipped, splits.description)
 

@@ -98,6 +98,11 @@ class CacheSizes:
             return self.eval(image)
         return shrink_short_side(image, self.train_side, self.interpolation)
 
+    def decode_side(self, source: str) -> int | None:
+        """The shorter side a JPEG may be reduced to while decoding (images.read_rgb's `min_side`): training
+        images' kept side; None for evaluation images, whose pixels stay those of a full decode (timm's)."""
+        return None if source in self.eval_sources else self.train_side
+
     def shape(self, source: str, height: int, width: int) -> tuple[int, int]:
         """The kept size, from the header's size alone (budgets are checked before anything is decoded)."""
         if source in self.eval_sources:

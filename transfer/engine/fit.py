@@ -38,10 +38,12 @@ from transfer.trackers import Trackers, build_trackers
 class Hooks:
     """What a caller that runs many trainings (a sweep) adds: `observe(row)` after every epoch's checkpoint (it may
     raise to end the run there, as a pruned trial does), and the splits evaluated at the end (a sweep's trials
-    leave the test split alone: it is scored once, for the best trial)."""
+    leave the test split alone: it is scored once, for the best trial). `started`: the command's start, so the
+    start-up printed and written to metrics.json (`startup_seconds`) includes the imports before train() ran."""
 
     observe: Callable[[dict], None] | None = None
     final_splits: tuple[str, ...] = ("val", "test")
+    started: float | None = None  # time.time() when the command began (start-up is counted from it); None: train()
 
 
 def train(cfg: DictConfig, run_dir: Path, hooks: Hooks = Hooks()) -> dict[str, float]:
@@ -60,9 +62,12 @@ def train(cfg: DictConfig, run_dir: Path, hooks: Hooks = Hooks()) -> dict[str, f
 
 def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
     setup, trackers, error = None, None, None
+    started = hooks.started or time.time()
     try:
         trackers = build_trackers(cfg.get("logger"), active=is_main())  # a missing package: before any work
+        before_setup = time.time()
         setup = build_setup(cfg)
+        setup_seconds = time.time() - before_setup
     except UserError as raised:  # several processes: each stops, rank 0 says why once
         error = raised
     agree(error)
@@ -80,6 +85,7 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
             **kit.checkpoint_entries(), "world_size": distributed.world_size()}
     # resume before anything is written: a refused resume leaves its run directory as it was
     state = fresh_state(shortcut_seconds)
+    timing = {"started": started, "setup_seconds": setup_seconds}  # this process's start-up (never checkpointed)
     if cfg.trainer.resume:
         state.update(resume(cfg.trainer.resume, model, kit.optimizer, kit.scaler, meta, run_dir) or {})
         kit.resume(state)
@@ -105,9 +111,10 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
     run = dataclasses.replace(setup, model=model, loaders=loaders, runtime=runtime)
     try:
         with trackers.started(meta["config"], run_dir, state["history"]):  # rank 0's; closed however the run ends
-            best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe, trackers)
+            best_val = run_epochs(cfg, run, kit, monitor, meta, state, run_dir, skipped, hooks.observe, trackers,
+                                  timing)
             metrics = finish(cfg, run, monitor, state, run_dir, skipped, best_val if kit.ema is None else None,
-                             hooks.final_splits)
+                             hooks.final_splits, timing.get("startup_seconds"))
             trackers.log_final(metrics, state["epoch"], run_dir)
             return metrics
     except NonFiniteError as error:
@@ -122,9 +129,10 @@ def train_run(cfg: DictConfig, run_dir: Path, hooks: Hooks) -> dict[str, float]:
 
 def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, meta: dict, state: dict,
                run_dir: Path, skipped: SkippedFiles, observe: Callable[[dict], None] | None = None,
-               trackers: Trackers | None = None) -> Evaluation | None:
+               trackers: Trackers | None = None, timing: dict | None = None) -> Evaluation | None:
     """The epochs from where `state` stands; returns the val evaluation of the best weights when it was the
-    last epoch's (the final report then needs no second pass). Each checkpointed row also goes to `trackers`."""
+    last epoch's (the final report then needs no second pass). Each checkpointed row also goes to `trackers`;
+    the start-up (`timing`: when the command began) is logged after the first epoch and kept in `timing`."""
     loop = Loop(run.model, run.task, kit, run.runtime, cfg, skipped, trackers.log_step if trackers else None)
     loaders, epochs, best_val = run.loaders, cfg.trainer.epochs, None
     with StopSignal() as stop:
@@ -162,6 +170,9 @@ def run_epochs(cfg: DictConfig, run: Setup, kit: Techniques, monitor: Monitor, m
             save_progress(run.model, kit.optimizer, kit.scheduler, kit.scaler, state, meta, run_dir, improved)
             if trackers:  # after the checkpoint: a resumed run never logs an epoch twice
                 trackers.log_epoch(row)
+            if timing is not None and "startup_seconds" not in timing and loop.first_batch_at is not None:
+                timing["startup_seconds"] = loop.first_batch_at - timing["started"]
+                log(startup_line(timing))
             log(summary(row, epochs, monitor.name, improved))
             if observe is not None:
                 observe(row)
@@ -185,7 +196,8 @@ def validate(run: Setup, kit: Techniques, row: dict, skipped: SkippedFiles) -> E
 
 
 def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: Path, skipped: SkippedFiles,
-           best_val: Evaluation | None, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
+           best_val: Evaluation | None, splits: tuple[str, ...] = ("val", "test"),
+           startup_seconds: float | None = None) -> dict[str, float]:
     """Evaluate the best weights on every held-out split; reports, pictures, metrics.json and the curves."""
     best_path = run_dir / "best.pt"
     if distributed.broadcast(best_path.exists() if is_main() else None):
@@ -195,6 +207,8 @@ def finish(cfg: DictConfig, run: Setup, monitor: Monitor, state: dict, run_dir: 
             run.task.load_best(best)  # what the task saved with them (multi-label: thresholds tuned on val)
         broadcast_weights(run.model)  # rank 0 wrote best.pt; other machines may not see its folder
     metrics = {"train_seconds": state["train_seconds"], "best_epoch": state["best_epoch"] or state["epoch"]}
+    if startup_seconds is not None:  # none when this process trained no step (a run resumed after its last epoch)
+        metrics["startup_seconds"] = startup_seconds
     tta = cfg.trainer.get("tta") or "none"
     runtime = dataclasses.replace(run.runtime, tta=tta)
     for split in splits:
@@ -249,6 +263,13 @@ def first_line(error: BaseException) -> str:
 
 def prefixed(metrics: dict[str, float], split: str) -> dict[str, float]:
     return {f"{split}/{key}": value for key, value in metrics.items()}
+
+
+def startup_line(timing: dict) -> str:
+    """Where the time before the first training step went: the command's start to the first batch, of which
+    building the data (index, cache), model and loaders took `setup_seconds`; most of the rest is imports."""
+    return (f"start-up {timing['startup_seconds']:.1f}s from the command to the first training step (of which "
+            f"data, model and loaders {timing['setup_seconds']:.1f}s)")
 
 
 def summary(row: dict, epochs: int, monitor: str, improved: bool) -> str:

@@ -5,6 +5,7 @@ that leaves the position and the epoch's running sums for an exact resume."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,7 @@ class Loop:
         self.max_bad_steps = cfg.trainer.get("max_bad_steps") or 0
         self.progress = progress_mode(cfg.trainer.progress)
         self.epochs = cfg.trainer.epochs
+        self.first_batch_at: float | None = None  # time.time() when this process's first training batch arrived
 
     def train_epoch(self, loader: DataLoader, epoch: int, state: dict, stop: StopSignal | None = None
                     ) -> dict[str, float] | None:
@@ -61,6 +63,8 @@ class Loop:
         bar = tqdm(batches, initial=start, total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
                    disable=self.progress != "bar", dynamic_ncols=True)
         for step, batch in enumerate(bar, start=start):
+            if self.first_batch_at is None:  # the end of start-up: everything before the first step (fit.py logs it)
+                self.first_batch_at = time.time()
             raise_if_strict(batch)
             self.skipped.add(batch["skipped"])
             count = self.task.batch_size(batch)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -62,10 +64,10 @@ class Normalizer:
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
                    amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """(logits, labels, dataset indices, skipped files) over a whole loader, on the CPU. Runs a copy of the
-    model with its BatchNorms folded into the convolutions before them (checked on the first batch)."""
+    """(logits, labels, dataset indices, skipped files) over a whole loader, on the CPU. Runs the model's copy
+    with its BatchNorms folded into the convolutions before them (`fold_batchnorm`, checked once)."""
     model.eval()
-    folded, checked = fold_batchnorm(model), False
+    runner = None
     logits, labels, indices, skipped = [], [], [], []
     for batch in loader:
         raise_if_strict(batch)
@@ -74,10 +76,8 @@ def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
             continue
         with autocast(normalize.device, amp_dtype):
             images = normalize(batch["image"])
-            if folded is not None and not checked:
-                checked = True
-                folded = folded if same_outputs(folded(images[:8]), model(images[:8])) else None
-            output = (folded or model)(images)
+            runner = runner or checked_fold(model, images)
+            output = runner(images)
         logits.append(output.float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
@@ -86,17 +86,66 @@ def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
     return torch.cat(logits), torch.cat(labels), torch.cat(indices), skipped
 
 
+@dataclass
+class _Folded:
+    """A model's folded copy, kept between evaluations: its structure (`signature`), the (model's conv, model's
+    BatchNorm, copy's fused conv) triples whose weights are refolded at each use, and whether its outputs were
+    found equal to the model's (None: not compared yet)."""
+
+    copy: nn.Module
+    pairs: list[tuple[nn.Conv2d, nn.Module, nn.Conv2d]]
+    signature: tuple[int, ...]
+    same: bool | None = None
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, _Folded] = weakref.WeakKeyDictionary()
+
+
+def checked_fold(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """The folded copy when its outputs on (the first 8 of) `images` equal the model's, else the model itself.
+    The comparison is made once per model structure: folding is exact arithmetic, so later weights agree too."""
+    folded = fold_batchnorm(model)
+    entry = _FOLDED.get(model)
+    if folded is None or entry is None:
+        return model
+    if entry.same is None:
+        entry.same = same_outputs(folded(images[:8]), model(images[:8]))
+    return folded if entry.same else model
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module | None:
     """For inference: a copy of the eval-mode model in which every BatchNorm2d that directly follows a Conv2d
     (next to it among its parent's children) is folded into that convolution's weights and bias, a third
     fewer passes over the activations on CPU (EfficientNet-Lite0: eval 1.5× faster). timm's BatchNormAct2d
     keeps its activation. Registration order is not always call order: callers compare the copy's outputs
-    with the model's once (`same_outputs`). None when nothing folds, and on GPUs (not measured there) and
-    for compiled models (a new module would be compiled again at every evaluation)."""
+    with the model's once (`checked_fold`, `same_outputs`). None when nothing folds, and on GPUs (not measured
+    there) and for compiled models (a new module would be compiled again at every evaluation).
+
+    Built once per model and structure, not at every evaluation: the copy shares every parameter and buffer
+    with the model except the fused convolutions, whose weights are folded again from the model's current
+    ones at each call (a training run evaluates after every epoch; copying the whole model each time cost as
+    much as evaluating dozens of images)."""
     first_parameter = next(model.parameters(), None)
     if model.training or first_parameter is None or first_parameter.device.type != "cpu" or \
             any(getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()):
         return None
+    signature = _signature(model)
+    entry = _FOLDED.get(model)
+    if entry is None or entry.signature != signature:
+        entry = _build_folded(model, signature)
+        if entry is None:
+            return None
+        _FOLDED[model] = entry
+    _refold(entry.pairs)
+    return entry.copy
+
+
+def _signature(model: nn.Module) -> tuple[int, ...]:
+    """What the copy depends on: the model's modules, parameters and buffers (by identity)."""
+    return tuple(id(item) for item in (*model.modules(), *model.parameters(), *model.buffers()))
+
+
+def _build_folded(model: nn.Module, signature: tuple[int, ...]) -> _Folded | None:
     pairs = [(parent, first, second) for parent in model.modules()
              for first, second in zip(list(parent._modules), list(parent._modules)[1:])
              if _foldable(parent._modules[first], parent._modules[second])]
@@ -104,8 +153,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module | None:
         return None
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    memo = {}
+    shared = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    memo = dict(shared)  # deepcopy maps these to themselves: the copy shares them, the modules are new
     copy_ = copy.deepcopy(model, memo)
+    triples = []
     for parent, first, second in pairs:
         twin = memo[id(parent)]
         conv, norm = twin._modules[first], twin._modules[second]
@@ -113,9 +164,25 @@ def fold_batchnorm(model: nn.Module) -> nn.Module | None:
         fused = fuse_conv_bn_eval(conv, norm)
         if channels_last:
             fused = fused.to(memory_format=torch.channels_last)
+        fused.weight.requires_grad_(False)
+        if fused.bias is not None:
+            fused.bias.requires_grad_(False)
         twin._modules[first] = fused
         twin._modules[second] = nn.Sequential(norm.drop, norm.act) if hasattr(norm, "act") else nn.Identity()
-    return copy_.eval()
+        triples.append((parent._modules[first], parent._modules[second], fused))
+    return _Folded(copy_.eval(), triples, signature)
+
+
+@torch.no_grad()
+def _refold(pairs: list[tuple[nn.Conv2d, nn.Module, nn.Conv2d]]) -> None:
+    """Fold each BatchNorm's current statistics and affine weights into its convolution's copy, in place."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    for conv, norm, fused in pairs:
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                                            norm.weight, norm.bias)
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
 
 
 def _foldable(conv: nn.Module | None, norm: nn.Module | None) -> bool:
