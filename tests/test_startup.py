@@ -48,18 +48,32 @@ def test_help_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> Non
 
 
 def test_startup_counts_from_the_command_not_from_train(tiny_image_folder: Path, tmp_path: Path) -> None:
-    """A process that waits 1 s before it calls the CLI reports at least that second in its start-up: it is
-    measured from the process's start (imports included), not from when training code began."""
+    """The command (main() reading sys.argv, as the `transfer` script and `python -m transfer` call it) that
+    waits 1 s before it starts reports at least that second in its start-up: it is measured from the process's
+    start (imports included), not from when training code began. (main(ARGV) called inside a longer-lived
+    process counts from the call instead: a test session's age is no command's start-up.)"""
     run = tmp_path / "run"
     arguments = ["train", f"data.root={tiny_image_folder}", "model=timm", "model.name=test_efficientnet",
                  "model.pretrained=false", "trainer.epochs=1", "preprocess.input_size=32", "trainer.device=cpu",
                  "trainer.progress=off", f"hydra.run.dir={run}"]
     started = time.time()
-    result = python("import time; time.sleep(1.0); from transfer.cli import main; "
-                    f"raise SystemExit(main({arguments!r}))", tmp_path)
+    result = python("import sys, time; time.sleep(1.0); from transfer.cli import main; "
+                    f"sys.argv = ['transfer', *{arguments!r}]; raise SystemExit(main())", tmp_path)
     wall = time.time() - started
     assert result.returncode == 0, result.stderr
     startup = json.loads((run / "metrics.json").read_text())["startup_seconds"]
     assert 1.0 <= startup < wall
     line = next(line for line in result.stdout.splitlines() if line.startswith("start-up "))
     assert f"start-up {startup:.1f}s from the command to the first training step" in line
+
+
+def test_main_called_in_process_counts_from_the_call(tiny_image_folder: Path, tmp_path: Path, run_cli) -> None:
+    """In a test session (or any script) that has run a while, main([...]) reports the start-up of its own
+    call, not the age of the process around it."""
+    run = tmp_path / "run"
+    started = time.time()
+    code, _, err = run_cli(["train", f"data.root={tiny_image_folder}", "model=timm", "model.name=test_efficientnet",
+                            "model.pretrained=false", "trainer.epochs=1", "preprocess.input_size=32",
+                            "trainer.device=cpu", "trainer.progress=off", f"hydra.run.dir={run}"])
+    assert code == 0, err
+    assert 0 < json.loads((run / "metrics.json").read_text())["startup_seconds"] < time.time() - started

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from transfer.cli.launch import mark_command_start
 from transfer.cli.threads import choose_wait_policy
 from transfer.distributed import is_main
 from transfer.errors import UserError
@@ -58,6 +59,7 @@ COMMANDS = tuple(HANDLERS)
 
 def main(argv: list[str] | None = None) -> int:
     """The exit code of `transfer ARGV`; output cut short by its reader (`transfer --help | head -1`) ends quietly."""
+    mark_command_start(whole_process=argv is None)
     try:
         return run(list(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:

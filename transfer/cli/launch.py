@@ -18,6 +18,18 @@ import uuid
 from transfer.errors import UserError
 
 IMPORTED = time.time()  # when the command's package was imported: process_started's fallback
+_command_started: float | None = None  # set by transfer.cli.main: when this command began
+
+
+def mark_command_start(whole_process: bool) -> None:
+    """The `transfer` command counts its start-up from the process's birth (interpreter and imports included);
+    `main([...])` called inside a longer-lived process (a script, a test) counts from the call."""
+    global _command_started
+    _command_started = process_started() if whole_process else time.time()
+
+
+def command_started() -> float:
+    return _command_started if _command_started is not None else process_started()
 
 
 def process_started() -> float:

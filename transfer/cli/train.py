@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from transfer import distributed
-from transfer.cli.launch import check_processes, process_started
+from transfer.cli.launch import check_processes, command_started
 from transfer.config import compose, groups, without_hydra
 from transfer.engine.rundir import lock_run_dir, make_run_dir
 from transfer.errors import UserError
@@ -47,7 +47,7 @@ def train_command(arguments: list[str]) -> int:
         return launch(processes, ["train", *arguments])
     chosen = any(o.startswith("hydra.run.dir=") for o in overrides)
     train_shared(cfg, lambda: make_run_dir(cfg.hydra.run.dir, chosen, cfg.trainer.get("resume")), record,
-                 process_started())
+                 command_started())
     return 0
 
 
