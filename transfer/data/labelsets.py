@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from transfer.data.sources import SPLIT_ALIASES, DataSplits, Record, drop_shared_files, is_inside
+from transfer.data.sources import (SPLIT_ALIASES, DataSplits, Record, check_manifest, complete_splits,
+                                   drop_shared_files, is_inside)
 from transfer.errors import UserError
 
 LABELS_COLUMN = "labels"
@@ -33,7 +34,8 @@ def build_label_splits(root: str | None, val_fraction: float, test_fraction: flo
                        allow_empty: bool = True) -> DataSplits:
     """The manifest at `root` read and split into train/val/test, each record's label a 0/1 float32 vector."""
     data = read_label_manifest(manifest_path(root), label_separator, classes, allow_empty, allow_outside_root)
-    return drop_shared_files(complete_label_splits(data, val_fraction, test_fraction, split_seed))
+    completed = complete_splits(data, val_fraction, test_fraction, split_seed, random_split, check_every_class_trains)
+    return drop_shared_files(completed)
 
 
 def manifest_path(root: str | None) -> Path:
@@ -142,31 +144,6 @@ def multi_hot(labels: list[str], classes: list[str]) -> np.ndarray:
     target = np.zeros(len(classes), np.float32)
     target[[classes.index(label) for label in labels]] = 1.0
     return target
-
-
-def check_manifest(csv_path: Path, splits: dict[str, list[Record]], outside: list[tuple[int, str]]) -> None:
-    if outside:
-        number, path = outside[0]
-        raise UserError(f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder "
-                        f"{csv_path.parent.resolve()}, e.g. line {number}: {path}. If you trust this manifest, "
-                        "allow it with data.allow_outside_root=true.")
-    if "all" in splits and len(splits) > 1:
-        raise UserError(f"{csv_path}: some rows have a split and some do not; give every row a split or none.")
-
-
-def complete_label_splits(data: DataSplits, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
-    """Carve the missing test and val splits out of the pool at random (seeded); every class must train."""
-    splits = dict(data.splits)
-    pool = splits.pop("all", None) or splits.pop("train", [])
-    if "test" not in splits and test_fraction > 0:
-        pool, splits["test"] = random_split(pool, test_fraction, seed)
-    if "val" not in splits and val_fraction > 0:
-        share = val_fraction / (1 - test_fraction) if "test" not in data.splits else val_fraction
-        pool, splits["val"] = random_split(pool, share, seed)
-    splits["train"] = pool
-    check_every_class_trains(data.classes, pool)
-    ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
-    return DataSplits(data.classes, ordered, data.skipped, data.description)
 
 
 def random_split(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

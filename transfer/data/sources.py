@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,13 @@ def read_manifest(csv_path: Path, allow_outside_root: bool = False) -> DataSplit
             skipped.append((str(image), f"listed in {csv_path.name} line {number} but missing"))
             continue
         splits.setdefault(split, []).append(Record(str(image), classes.index(row["label"])))
+    check_manifest(csv_path, splits, outside)
+    return DataSplits(classes, splits, skipped, description=f"manifest {csv_path}")
+
+
+def check_manifest(csv_path: Path, splits: dict[str, list[Record]], outside: list[tuple[int, str]]) -> None:
+    """Refuse, for every manifest reader, paths that leave the manifest's folder and a mix of rows with and
+    without a split (which split would the others join?)."""
     if outside:
         number, path = outside[0]
         raise UserError(f"{csv_path}: {len(outside)} path(s) lead outside the manifest's folder "
@@ -151,7 +159,6 @@ def read_manifest(csv_path: Path, allow_outside_root: bool = False) -> DataSplit
                         "allow it with data.allow_outside_root=true.")
     if "all" in splits and len(splits) > 1:
         raise UserError(f"{csv_path}: some rows have a split and some do not; give every row a split or none.")
-    return DataSplits(classes, splits, skipped, description=f"manifest {csv_path}")
 
 
 def is_inside(path: Path, root: Path) -> bool:
@@ -160,17 +167,25 @@ def is_inside(path: Path, root: Path) -> bool:
     return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
-def complete_splits(data: DataSplits, val_fraction: float, test_fraction: float, seed: int) -> DataSplits:
-    """Carve the missing test and val splits out of what is there, stratified by class."""
+Carve = Callable[[list[Record], float, int], tuple[list[Record], list[Record]]]
+
+
+def complete_splits(data: DataSplits, val_fraction: float, test_fraction: float, seed: int,
+                    carve: Carve | None = None, check: Callable[[list[str], list[Record]], None] | None = None
+                    ) -> DataSplits:
+    """Carve the missing test and val splits out of what is there: stratified by class unless `carve` says
+    otherwise (a multi-label row has no one class to stratify by); `check` refuses a training split that
+    leaves a class out."""
+    carve, check = carve or _stratified, check or _check_every_class_trains
     splits = dict(data.splits)
     pool = splits.pop("all", None) or splits.pop("train", [])
     if "test" not in splits and test_fraction > 0:
-        pool, splits["test"] = _stratified(pool, test_fraction, seed)
+        pool, splits["test"] = carve(pool, test_fraction, seed)
     if "val" not in splits and val_fraction > 0:
         share = val_fraction / (1 - test_fraction) if "test" not in data.splits else val_fraction
-        pool, splits["val"] = _stratified(pool, share, seed)
+        pool, splits["val"] = carve(pool, share, seed)
     splits["train"] = pool
-    _check_every_class_trains(data.classes, pool)
+    check(data.classes, pool)
     ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
     return DataSplits(data.classes, ordered, data.skipped, data.description)
 

@@ -41,10 +41,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
+from transfer.data.augment import build_eval_transform
 from transfer.data.dataset import collate_skipping_bad
 from transfer.errors import UserError
 from transfer.models.backbone import check_model_name, resolve_preprocess
-from transfer.models.inference import Normalizer
+from transfer.models.inference import Normalizer, autocast
 
 DIGITS_INPUT_SIZE = 48
 NEUTRAL = (None, "none", "auto", False, 0, 0.0)
@@ -205,3 +206,13 @@ class Task:
     def write_predictions(self, chunks: Iterable[tuple[list[str], list]], out: Path) -> int:
         raise NotImplementedError
 
+
+@torch.no_grad()
+def image_logits(model: nn.Module, images: list[np.ndarray], preprocess: dict, runtime: Runtime) -> torch.Tensor:
+    """A whole-image model's float logits for decoded images, through the evaluation transform, so that
+    `transfer predict` and the API see the pixels `transfer eval` sees."""
+    model.eval()
+    transform = build_eval_transform(preprocess)
+    batch = torch.stack([transform(image=image)["image"] for image in images])
+    with autocast(runtime.device, runtime.amp_dtype):
+        return model(runtime.normalize(batch)).float()

@@ -16,16 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from transfer.data.augment import build_eval_transform
 from transfer.data.loaders import build_datasets, choose_split, eval_splits, index_data
 from transfer.data.sources import DataSplits
 from transfer.errors import UserError
 from transfer.files import save_picture, write_csv, write_dict_rows
 from transfer.metrics.classification import classification_metrics, top_losses, write_report
 from transfer.models.backbone import build_model
-from transfer.models.inference import autocast, predict_logits
+from transfer.models.inference import predict_logits
 from transfer.models.tta import with_tta
-from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData, image_logits
 from transfer.tasks.mixing import Mixer, build_criterion
 from transfer.tasks.probe import train_on_features
 
@@ -196,9 +195,5 @@ class Classification(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, images: list[np.ndarray], runtime: Runtime) -> list[np.ndarray]:
         """Class probabilities of each image, through the evaluation transform (the pixels eval sees)."""
-        model.eval()
-        transform = build_eval_transform(self.preprocess_used)
-        batch = torch.stack([transform(image=image)["image"] for image in images])
-        with autocast(runtime.device, runtime.amp_dtype):
-            logits = with_tta(model, runtime.tta)(runtime.normalize(batch))
-        return list(logits.float().softmax(dim=1).cpu().numpy())
+        logits = image_logits(with_tta(model, runtime.tta), images, self.preprocess_used, runtime)
+        return list(logits.softmax(dim=1).cpu().numpy())

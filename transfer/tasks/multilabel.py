@@ -20,7 +20,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from transfer.config import require
-from transfer.data.augment import build_eval_transform
 from transfer.data.cache import CACHE_KINDS
 from transfer.data.labelsets import build_label_splits, manifest_path, read_label_manifest, relabel_sets
 from transfer.data.loaders import build_datasets, choose_split, same_root
@@ -30,8 +29,8 @@ from transfer.files import write_csv, write_dict_rows
 from transfer.metrics.multilabel import (DEFAULT_THRESHOLD, decide, multilabel_metrics, per_class_rows,
                                          tune_thresholds)
 from transfer.models.backbone import build_model
-from transfer.models.inference import autocast, predict_logits
-from transfer.tasks.base import Evaluation, Runtime, Task, TaskData
+from transfer.models.inference import predict_logits
+from transfer.tasks.base import Evaluation, Runtime, Task, TaskData, image_logits
 
 LOSSES = ("bce", "asymmetric")
 PREDICTIONS_FILE = "predictions.csv"
@@ -187,12 +186,7 @@ class MultiLabel(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, images: list[np.ndarray], runtime: Runtime) -> list[np.ndarray]:
         """Each image's per-class probabilities, through the evaluation transform (the pixels eval sees)."""
-        model.eval()
-        transform = build_eval_transform(self.preprocess_used)
-        batch = torch.stack([transform(image=image)["image"] for image in images])
-        with autocast(runtime.device, runtime.amp_dtype):
-            logits = model(runtime.normalize(batch))
-        return list(logits.float().sigmoid().cpu().numpy())
+        return list(image_logits(model, images, self.preprocess_used, runtime).sigmoid().cpu().numpy())
 
     def labelled(self, scores: np.ndarray) -> dict:
         """One image's predicted label set (at the thresholds) and every class's probability, for the Python API."""
