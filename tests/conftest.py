@@ -94,3 +94,26 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         return code, out, err
 
     return run
+
+
+def assert_eval_repeats(run_cli: RunCli, run: Path, out: Path, metric: str) -> None:
+    """`transfer eval` of a run's best.pt gives the test metric the run itself wrote."""
+    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={out}"])
+    assert code == 0, err
+    written = json.loads((run / "metrics.json").read_text())[metric]
+    assert json.loads((out / "metrics.json").read_text())[metric] == pytest.approx(written, abs=1e-6)
+
+
+def assert_backbone_exported(run_cli: RunCli, run: Path, out: Path) -> None:
+    """`transfer export format=backbone` writes exactly the trained backbone's tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from transfer.checkpoint import load_checkpoint
+
+    code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={out}"])
+    assert code == 0, err
+    exported = load_file(str(out / "backbone.safetensors"))
+    trained = {k.removeprefix("backbone."): v for k, v in load_checkpoint(run / "best.pt")["model"].items()
+               if k.startswith("backbone.")}
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_backbone_exported, assert_eval_repeats
+
 from transfer.data.coco import BoxDataset, clip_box, collate_boxes, read_coco, read_splits
 from transfer.data.augment import build_dense_transform
 from transfer.metrics.detection import coco_metrics
@@ -447,27 +449,15 @@ def test_a_non_default_detector_learns_an_easy_set(detector_run) -> None:
 
 
 def test_every_detector_evaluates_predicts_and_exports_its_backbone(detector_run, tmp_path: Path, run_cli) -> None:
-    from safetensors.torch import load_file
-
-    from transfer.checkpoint import load_checkpoint
-
     detector, data, run = detector_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/map", "val/map50", "test/map", "test/map50"} <= set(metrics)
     assert len(list((run / "overlays").glob("*.png"))) == 1
-    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={tmp_path / 'eval'}"])
-    assert code == 0, err
-    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert again["test/map50"] == pytest.approx(metrics["test/map50"], abs=1e-6)
+    assert_eval_repeats(run_cli, run, tmp_path / "eval", "test/map50")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     (inputs / "000.png").write_bytes((data / "test" / "images" / "000.png").read_bytes())
     code, _, err = run_cli(["predict", f"checkpoint={run / 'best.pt'}", f"input={inputs}", f"out={tmp_path / 'pred'}"])
     assert code == 0, err
     assert [i["file_name"] for i in json.loads((tmp_path / "pred" / "boxes.json").read_text())["images"]] == ["000"]
-    code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={tmp_path / 'bb'}"])
-    assert code == 0, err
-    exported = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
-    trained = {k.removeprefix("backbone."): v for k, v in load_checkpoint(run / "best.pt")["model"].items()
-               if k.startswith("backbone.")}
-    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert_backbone_exported(run_cli, run, tmp_path / "bb")

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_backbone_exported, assert_eval_repeats
+
 from transfer.data.masks import index_pairs, load_all
 from transfer.metrics.segmentation import batch_confusion, segmentation_metrics
 from transfer.errors import UserError
@@ -440,18 +442,11 @@ def test_a_non_default_decoder_learns_an_easy_set(decoder_run):
 
 
 def test_every_decoder_evaluates_predicts_and_exports_its_backbone(decoder_run, tmp_path: Path, run_cli):
-    from safetensors.torch import load_file
-
-    from transfer.checkpoint import load_checkpoint
-
     decoder, data, run = decoder_run
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/miou", "test/miou", "test/pixel_accuracy"} <= set(metrics)
     assert list((run / "overlays").glob("*.png"))
-    code, _, err = run_cli(["eval", f"checkpoint={run / 'best.pt'}", f"out={tmp_path / 'eval'}"])
-    assert code == 0, err
-    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert again["test/miou"] == pytest.approx(metrics["test/miou"], abs=1e-6)
+    assert_eval_repeats(run_cli, run, tmp_path / "eval", "test/miou")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for name in ("s0.png", "s1.png"):
@@ -460,9 +455,4 @@ def test_every_decoder_evaluates_predicts_and_exports_its_backbone(decoder_run, 
                             f"out={tmp_path / 'masks'}"])
     assert code == 0, err
     assert np.array(Image.open(tmp_path / "masks" / "s0.png")).shape == (32, 32)
-    code, _, err = run_cli(["export", f"checkpoint={run / 'best.pt'}", "format=backbone", f"out={tmp_path / 'bb'}"])
-    assert code == 0, err
-    exported = load_file(str(tmp_path / "bb" / "backbone.safetensors"))
-    trained = {k.removeprefix("backbone."): v for k, v in load_checkpoint(run / "best.pt")["model"].items()
-               if k.startswith("backbone.")}
-    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert_backbone_exported(run_cli, run, tmp_path / "bb")
