@@ -76,7 +76,7 @@ def predict_logits(model: nn.Module, loader: DataLoader, normalize: Normalizer,
             continue
         with autocast(normalize.device, amp_dtype):
             images = normalize(batch["image"])
-            runner = runner or checked_fold(model, images)
+            runner = checked_fold(model, images) if runner is None else runner  # a Sequential of length 0 is falsy
             output = runner(images)
         logits.append(output.float().cpu())
         labels.append(batch["label"])
