@@ -257,7 +257,8 @@ def test_exported_predictor_matches_the_checkpoint(exports: dict[str, Path], kin
                                                                 torch.device("cpu"), False)(pixels))
     path = folder / "timm" if kind == "timm" else folder / "onnx" / "model.onnx"
     assert is_exported(path) and not is_exported(folder.parent / "run" / "best.pt")
-    logits, classes, found_preprocess = load_exported_predictor(path)
+    logits, classes, found_preprocess, reading = load_exported_predictor(path)
+    assert reading == {"task": "classification", "activation": "softmax"}
     assert classes == CLASSES
     assert {k: found_preprocess[k] for k in ("input_size", "mean", "std", "crop_pct")} == \
         {k: preprocess[k] for k in ("input_size", "mean", "std", "crop_pct")}

@@ -295,6 +295,30 @@ def test_export_backbone_and_timm_folder(trained: Path, tmp_path: Path, run_cli)
     assert "apply a sigmoid" in (tmp_path / "timm" / "README.md").read_text()
 
 
+def test_predict_on_an_export_writes_the_checkpoints_label_sets(trained: Path, tmp_path: Path, run_cli):
+    """The timm folder and the ONNX file carry the sigmoid and the tuned thresholds: no softmax top-k."""
+    inputs = tmp_path / "inputs"
+    write_patches(inputs, 6, seed=7)
+    written = {}
+    for fmt in ("checkpoint", "timm", "onnx"):
+        model = trained / "best.pt"
+        if fmt != "checkpoint":
+            model = tmp_path / fmt
+            code, _, err = run_cli(["export", f"checkpoint={trained / 'best.pt'}", f"format={fmt}", f"out={model}"])
+            assert code == 0, err
+        code, out, err = run_cli(["predict", f"checkpoint={model}", f"input={inputs}", f"out={tmp_path / fmt}-out"])
+        assert code == 0, err
+        written[fmt] = read_rows(tmp_path / f"{fmt}-out" / "predictions.csv")
+    reference = written.pop("checkpoint")
+    assert [row["image"] for row in reference] == [f"images/{n:03d}" for n in range(6)]
+    for fmt, rows in written.items():
+        assert [(row["image"], row["labels"]) for row in rows] == [(row["image"], row["labels"]) for row in reference]
+        for row, expected in zip(rows, reference):
+            assert [float(row[name]) for name in CLASSES] == \
+                pytest.approx([float(expected[name]) for name in CLASSES], abs=2e-4), fmt
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["transfer_reading"]["activation"] == "sigmoid"
+
+
 def test_resume_ends_as_the_straight_run_with_the_asymmetric_loss(patches, tmp_path: Path, run_cli):
     root, listed = patches
     common = ["train", "task=multilabel", f"data.root={write_manifest(root / 'resume.csv', listed[:48])}", *TINY,

@@ -3,14 +3,14 @@
 A classifier (a checkpoint, an exported timm folder or an ONNX file: the same command checks an export
 against the run it came from) writes one CSV row per readable image: `path,label_1,prob_1,...`, best first,
 k = min(top_k, number of classes); unreadable files go to `<out>.skipped.csv`. Any other task writes its own
-outputs into the folder out= (segmentation: mask PNGs; detection: one boxes.json), chunk by chunk, with
-unreadable files in OUT/skipped_images.csv.
+outputs into the folder out= (segmentation: mask PNGs; detection: one boxes.json; multi-label, from a checkpoint
+or an export: predictions.csv of label sets), chunk by chunk, with unreadable files in OUT/skipped_images.csv.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from transfer.data.sources import Record
 from transfer.engine.inference import Loaded, load_for_inference
 from transfer.errors import UserError
 from transfer.exports.exported import is_exported, load_exported_predictor
+from transfer.exports.source import SOFTMAX_READING
 from transfer.files import write_csv
 from transfer.models.inference import autocast
 
@@ -44,6 +45,7 @@ class Predictor:
     logits: Callable[[torch.Tensor], torch.Tensor]
     classes: list[str]
     preprocess: dict
+    reading: dict = field(default_factory=lambda: dict(SOFTMAX_READING))  # how logits become predictions
 
 
 def load_predictor(path: Path, device: torch.device) -> Predictor:
@@ -77,8 +79,10 @@ def predict_command(arguments: list[str]) -> int:
     if checkpoint is not None and checkpoint.get("task", "classification") != "classification":
         loaded = load_for_inference(checkpoint, device)
         return predict_into_folder(loaded, files, options["input"], options.get("out"), batch_size)
-    out = output_file(options.get("out") or "predictions.csv", "predictions.csv")
     predictor = load_predictor(path, device)
+    if predictor.reading["task"] == "multilabel":  # an exported multi-label model
+        return predict_label_sets(predictor, files, options["input"], options.get("out"), batch_size)
+    out = output_file(options.get("out") or "predictions.csv", "predictions.csv")
     probabilities, order, skipped = predict_files(predictor, files, batch_size)
     rows = prediction_rows(probabilities, [files[i] for i in order], predictor.classes, top_k)
     write_predictions(out, rows, skipped)
@@ -89,7 +93,7 @@ def predict_command(arguments: list[str]) -> int:
 def predict_into_folder(loaded: Loaded, files: list[str], input_root: str, out: str | None, batch_size: int) -> int:
     """The task's own outputs for every readable file, chunk by chunk of batch_size; named by their path below
     the input folder."""
-    task, folder, root = loaded.task, Path(out or DEFAULT_FOLDER).expanduser(), Path(input_root).expanduser()
+    task, folder = loaded.task, Path(out or DEFAULT_FOLDER).expanduser()
     skipped: list[tuple[str, str]] = []
 
     def chunks():
@@ -101,8 +105,7 @@ def predict_into_folder(loaded: Loaded, files: list[str], input_root: str, out: 
                 except BadImageError as error:
                     skipped.append((file, error.reason))
                     continue
-                relative = Path(file).relative_to(root) if root.is_dir() else Path(Path(file).name)
-                names.append(str(relative.with_suffix("")))
+                names.append(output_name(file, input_root))
             if images:
                 yield names, task.predict(loaded.model, images, loaded.runtime)
 
@@ -110,11 +113,37 @@ def predict_into_folder(loaded: Loaded, files: list[str], input_root: str, out: 
     if not done:
         raise UserError(f"none of the {len(files)} input file(s) could be read as an image "
                         f"({'; '.join(f'{p}: {r}' for p, r in skipped[:3])}).")
+    report_folder(task.name, done, folder, skipped)
+    return 0
+
+
+def output_name(file: str, input_root: str) -> str:
+    """An image's name in a task's outputs: its path below the input folder, without the suffix."""
+    root = Path(input_root).expanduser()
+    relative = Path(file).relative_to(root) if root.is_dir() else Path(Path(file).name)
+    return str(relative.with_suffix(""))
+
+
+def predict_label_sets(predictor: Predictor, files: list[str], input_root: str, out: str | None,
+                       batch_size: int) -> int:
+    """An exported multi-label model writes what its checkpoint's predict writes: OUT/predictions.csv with each
+    image's label set at the exported thresholds and every class's probability."""
+    from transfer.tasks.multilabel import MultiLabel
+
+    task, folder = MultiLabel(), Path(out or DEFAULT_FOLDER).expanduser()
+    task.restore_reading(predictor.classes, predictor.reading)
+    probabilities, order, skipped = predict_files(predictor, files, batch_size)
+    names = [output_name(files[i], input_root) for i in order]
+    done = task.write_predictions([(names, list(probabilities.float().numpy()))], folder)
+    report_folder(task.name, done, folder, skipped)
+    return 0
+
+
+def report_folder(task: str, done: int, folder: Path, skipped: list[tuple[str, str]]) -> None:
     if skipped:
         write_skipped(folder / "skipped_images.csv", skipped)
         print(f"warning: skipped {len(skipped)} unreadable image(s); list in {folder / 'skipped_images.csv'}")
-    print(f"wrote {task.name} predictions for {done} image(s) to {folder}")
-    return 0
+    print(f"wrote {task} predictions for {done} image(s) to {folder}")
 
 
 def predict_files(predictor: Predictor, files: list[str],
@@ -127,12 +156,17 @@ def predict_files(predictor: Predictor, files: list[str],
     for batch in loader:
         skipped += batch["skipped"]
         if len(batch["index"]):
-            probabilities.append(predictor.logits(batch["image"]).double().softmax(dim=1))
+            probabilities.append(activate(predictor.logits(batch["image"]).double(), predictor.reading))
             order += batch["index"].tolist()
     if not probabilities:
         reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
         raise UserError(f"none of the {len(files)} input file(s) could be read as an image ({reasons}).")
     return torch.cat(probabilities), order, skipped
+
+
+def activate(logits: torch.Tensor, reading: dict) -> torch.Tensor:
+    """Probabilities the way the model was trained to give them: one softmax over classes, or a sigmoid each."""
+    return logits.sigmoid() if reading["activation"] == "sigmoid" else logits.softmax(dim=1)
 
 
 def prediction_rows(probabilities: torch.Tensor, paths: list[str], classes: list[str], top_k: int) -> list[list]:

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from transfer.errors import UserError
+from transfer.exports.source import READING_KEY, SOFTMAX_READING
 from transfer.models.backbone import resolve_preprocess
 from transfer.models.inference import Normalizer
 
@@ -25,6 +26,7 @@ class ExportedPredictor(NamedTuple):
     logits: Callable[[torch.Tensor], torch.Tensor]  # pixel batch → CPU float logits
     classes: list[str]
     preprocess: dict
+    reading: dict  # how the logits become predictions (exports/source.py: Source.reading)
 
 
 def is_exported(path: str | Path) -> bool:
@@ -60,12 +62,13 @@ def timm_folder_predictor(folder: Path, device: torch.device) -> ExportedPredict
     preprocess = resolve_preprocess(model)
     normalize = Normalizer(preprocess["mean"], preprocess["std"], device, channels_last=False)
     labels = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
+    reading = json.loads((folder / "config.json").read_text()).get(READING_KEY, SOFTMAX_READING)
 
     @torch.no_grad()
     def logits(images: torch.Tensor) -> torch.Tensor:
         return model(normalize(images)).float().cpu()
 
-    return ExportedPredictor(logits, list(labels), preprocess)
+    return ExportedPredictor(logits, list(labels), preprocess, dict(reading))
 
 
 def onnx_predictor(file: Path, device: torch.device) -> ExportedPredictor:
@@ -88,18 +91,20 @@ def onnx_predictor(file: Path, device: torch.device) -> ExportedPredictor:
     def logits(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: normalize(images).numpy()})[0]).float()
 
-    return ExportedPredictor(logits, list(description["classes"]), dict(preprocess))
+    return ExportedPredictor(logits, list(description["classes"]), dict(preprocess), description["reading"])
 
 
 def onnx_description(session, file: Path) -> dict:
     """Labels and preprocessing: embedded in the model's metadata, else the preprocess.json beside it."""
     metadata = session.get_modelmeta().custom_metadata_map
     if "classes" in metadata and "preprocess" in metadata:
-        return {key: json.loads(metadata[key]) for key in ("classes", "preprocess")}
+        return {"reading": SOFTMAX_READING, **{key: json.loads(value) for key, value in metadata.items()
+                                              if key in ("classes", "preprocess", "reading")}}
     sidecar = file.parent / "preprocess.json"
     try:
         description = json.loads(sidecar.read_text())
-        return {key: description[key] for key in ("classes", "preprocess")}
+        return {"reading": description.get("reading", SOFTMAX_READING),
+                **{key: description[key] for key in ("classes", "preprocess")}}
     except (OSError, ValueError, KeyError):
         raise UserError(f"{file} carries no labels or preprocessing, and there is no readable {sidecar}. "
                         "Export it with transfer export format=onnx, which writes both.") from None

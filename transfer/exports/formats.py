@@ -20,7 +20,7 @@ from torch import nn
 from transfer.errors import UserError
 from transfer.exports.card import model_card
 from transfer.exports.publish import staged_folder
-from transfer.exports.source import CLASSIFIER_TASKS, TOLERANCE, Check, Source
+from transfer.exports.source import CLASSIFIER_TASKS, READING_KEY, TOLERANCE, Check, Source
 
 ONNX_OPSET = 17
 PREPROCESS_FILE = "preprocess.json"
@@ -41,8 +41,9 @@ def export(source: Source, fmt: str, out: Path, overwrite: bool = False, command
 
 def write_timm_folder(source: Source, folder: Path) -> Check:
     """timm's own hub layout, so `local-dir:`, `hf-hub:` and timm's tooling all read it."""
-    labels = source.classes if source.task in CLASSIFIER_TASKS else []  # a dense model's backbone has no labels
-    timm.models.save_for_hf(source.model, str(folder), model_config={"label_names": labels},
+    model_config = {"label_names": source.classes, READING_KEY: source.reading} if source.task in CLASSIFIER_TASKS \
+        else {}  # a dense model's backbone has no labels
+    timm.models.save_for_hf(source.model, str(folder), model_config=model_config,
                             safe_serialization=True, data_config=timm_data_config(source.preprocess))
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     batch = sample_batch(source.preprocess, 2)
@@ -172,7 +173,7 @@ def embed_onnx_metadata(path: Path, description: dict) -> None:
     except ImportError:
         return
     model = onnx.load(str(path))
-    for key in ("classes", "preprocess"):
+    for key in ("classes", "preprocess", "reading"):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(description[key])
     onnx.save(model, str(path))
@@ -210,7 +211,7 @@ def describe_io(source: Source) -> dict:
             "input": {"name": "input", "shape": ["batch", *source.preprocess["input_size"]], "dtype": "float32",
                       "values": "RGB in [0, 1], then (x - mean) / std; resized so the short side is "
                                 "input_size / crop_pct, then center-cropped to input_size"},
-            "output": {"name": "logits", "shape": ["batch", len(source.classes)]}}
+            "output": {"name": "logits", "shape": ["batch", len(source.classes)]}, "reading": source.reading}
 
 
 def write_description(folder: Path, description: dict) -> None:

@@ -15,6 +15,8 @@ from transfer.models.features import backbone_as_classifier
 FORMATS = ("timm", "backbone", "onnx", "torchscript")
 # tasks whose whole model is a timm classifier (multi-label: logits read through a sigmoid per class)
 CLASSIFIER_TASKS = ("classification", "multilabel")
+READING_KEY = "transfer_reading"  # a timm folder's config.json entry for Source.reading (timm keeps unknown keys)
+SOFTMAX_READING = {"task": "classification", "activation": "softmax"}  # also what an export without one means
 TOLERANCE = {"timm": 1e-5, "backbone": 1e-5, "onnx": 1e-4, "torchscript": 1e-4}
 
 
@@ -32,6 +34,18 @@ class Source(CheckpointFacts):
     @property
     def name(self) -> str:
         return self.checkpoint["config"]["model"]["name"]
+
+    @property
+    def reading(self) -> dict:
+        """How a classifier export's logits become predictions, stored with every format so that `transfer
+        predict` on the export decides as it does on the checkpoint: softmax over classes, or (multi-label) a
+        sigmoid per class against the thresholds tuned with these weights."""
+        if self.task != "multilabel":
+            return dict(SOFTMAX_READING)
+        task = self.checkpoint["config"].get("task", {})
+        thresholds = self.checkpoint.get("thresholds") or [float(task.get("threshold", 0.5))] * len(self.classes)
+        return {"task": "multilabel", "activation": "sigmoid", "thresholds": [float(t) for t in thresholds],
+                "label_separator": str(task.get("label_separator", " "))}
 
 
 @dataclass

@@ -153,6 +153,12 @@ class MultiLabel(Task):
         saved = checkpoint.get("thresholds")
         self.thresholds = np.asarray(saved, dtype=np.float64) if saved is not None else None
 
+    def restore_reading(self, classes: list[str], reading: dict) -> None:
+        """An export's classes and decision rule (exports/source.py: Source.reading): predict on a timm folder or
+        ONNX file writes the label sets the checkpoint's own predict writes."""
+        self.classes, self.label_separator = list(classes), str(reading["label_separator"])
+        self.thresholds = np.asarray(reading["thresholds"], dtype=np.float64)
+
     def load_best(self, checkpoint: dict) -> None:
         """The thresholds tuned with the best weights: test is scored at them (val is tuned again if rescored)."""
         self.thresholds = np.asarray(checkpoint["thresholds"], dtype=np.float64)
