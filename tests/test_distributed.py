@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from test_detection import write_coco_folder
+from test_multilabel import write_manifest, write_patches
 from test_segmentation import write_scene_folder
 from transfer.checkpoint import load_checkpoint
 from transfer.cli.launch import check_processes
@@ -85,7 +86,8 @@ def shard_loaders(loader: DataLoader, world: int) -> list[DataLoader]:
             for r in range(world)]
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection", "multilabel",
+                                  "segmentation-unet", "detection-faster_rcnn", "detection-retinanet"])
 def test_shards_score_as_one_pass(task, engine_folders):
     from transfer.config import compose
     from transfer.engine.setup import build_setup
@@ -109,12 +111,20 @@ def test_shards_score_as_one_pass(task, engine_folders):
 def engine_folders(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("ddp-data")
     scenes, coco = write_scene_folder(root / "scenes", 20), write_coco_folder(root / "coco", train=12, test=5)
+    labelled = write_manifest(root / "patches" / "labels.csv", write_patches(root / "patches", 40))
+    segmentation = ["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32", "task.overlays=0",
+                    "task.decoder_channels=64", "trainer.epochs=2", *TINY]
+    detection = ["task=detection", f"data.root={coco}", "preprocess.input_size=64", "task.overlays=0",
+                 "trainer.epochs=2", *TINY]
     return {
         "classification": ["trainer.epochs=1", "data.batch_size=32", "trainer.progress=plain"],  # digits, Lite0
-        "segmentation": ["task=segmentation", f"data.root={scenes}", "preprocess.input_size=32",
-                         "task.decoder_channels=64", "task.overlays=0", "trainer.epochs=2", *TINY],
-        "detection": ["task=detection", f"data.root={coco}", "preprocess.input_size=64", "task.overlays=0",
-                      "trainer.epochs=2", *TINY],
+        "segmentation": segmentation,
+        "detection": detection,
+        "multilabel": ["task=multilabel", f"data.root={labelled}", "preprocess.input_size=32", "data.test_fraction=0.2",
+                       "trainer.epochs=2", *TINY],
+        "segmentation-unet": [*segmentation, "task.decoder=unet"],
+        "detection-faster_rcnn": [*detection, "task.detector=faster_rcnn"],
+        "detection-retinanet": [*detection, "task.detector=retinanet"],
     }
 
 
@@ -173,8 +183,9 @@ def test_two_processes_train_the_digits_default_as_one_would_score_it(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
-def test_two_processes_train_dense_tasks(task, engine_folders, tmp_path):
+@pytest.mark.parametrize("task", ["segmentation", "detection", "multilabel", "segmentation-unet",
+                                  "detection-faster_rcnn"])
+def test_two_processes_train_task_plugins(task, engine_folders, tmp_path):
     run_dir = tmp_path / task
     done = run(torchrun(["train", *engine_folders[task], f"hydra.run.dir={run_dir}"]))
     assert done.returncode == 0, done.stderr
