@@ -25,7 +25,9 @@ GROUPS: dict[str, list[list[str]]] = {
                 ["bench.recipes", "fashion_mnist_lite0_best", "--", "model.pretrained=false"],
                 ["bench.recipes", *SCENES, "--random-init"]],
     "baselines": [["bench.baselines"]],
-    "heads": [["bench.heads", "--epochs", "2", "--decoders", "fpn", "unet", "deeplabv3plus"]],
+    "heads": [["bench.heads", "--epochs", "2", "--decoders", "fpn", "unet", "deeplabv3plus"],
+              ["bench.heads", "--epochs", "5", "--detectors", "--decoders", "unet", "--", "task.decoder_channels=256"],
+              ["bench.heads", "--epochs", "5", "--detectors", "--decoders", "linknet", "upernet"]],
 }
 
 
