@@ -29,6 +29,7 @@ from transfer.exports.exported import is_exported, load_exported_predictor
 from transfer.exports.source import SOFTMAX_READING
 from transfer.files import write_csv
 from transfer.models.inference import autocast
+from transfer.tasks.multilabel import MultiLabel
 
 PREDICT_KEYS = ("checkpoint", "input", "out", "top_k", "batch_size", "device")
 TABLE_ROWS = 10
@@ -128,8 +129,6 @@ def predict_label_sets(predictor: Predictor, files: list[str], input_root: str, 
                        batch_size: int) -> int:
     """An exported multi-label model writes what its checkpoint's predict writes: OUT/predictions.csv with each
     image's label set at the exported thresholds and every class's probability."""
-    from transfer.tasks.multilabel import MultiLabel
-
     task, folder = MultiLabel(), Path(out or DEFAULT_FOLDER).expanduser()
     task.restore_reading(predictor.classes, predictor.reading)
     probabilities, order, skipped = predict_files(predictor, files, batch_size)
