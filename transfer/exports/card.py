@@ -86,10 +86,9 @@ def multilabel_note(source: Source) -> str:
     """How a multi-label model's outputs are read: a sigmoid per class and the thresholds tuned with the weights."""
     if source.task != "multilabel":
         return ""
-    pairs = ", ".join(f"`{name}` {value:.3f}" for name, value in zip(source.classes,
-                                                                     source.checkpoint.get("thresholds", [])))
+    pairs = ", ".join(f"`{name}` {value:.3f}" for name, value in zip(source.classes, source.reading["thresholds"]))
     return (f"\nIts outputs are one logit per class: apply a sigmoid to each and predict the classes whose "
-            f"probability reaches its threshold (tuned on validation): {pairs or 'none saved; 0.5 each'}.\n")
+            f"probability reaches its threshold (tuned on validation, and stored with the export for `transfer predict`): {pairs}.\n")
 
 
 def data_section(source: Source, run: RunFacts) -> str:
