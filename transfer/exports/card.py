@@ -88,7 +88,8 @@ def multilabel_note(source: Source) -> str:
         return ""
     pairs = ", ".join(f"`{name}` {value:.3f}" for name, value in zip(source.classes, source.reading["thresholds"]))
     return (f"\nIts outputs are one logit per class: apply a sigmoid to each and predict the classes whose "
-            f"probability reaches its threshold (tuned on validation, and stored with the export for `transfer predict`): {pairs}.\n")
+            f"probability reaches its threshold (tuned on validation, and stored with the export for `transfer "
+            f"predict`): {pairs}.\n")
 
 
 def data_section(source: Source, run: RunFacts) -> str:
